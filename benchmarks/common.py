@@ -1,0 +1,144 @@
+"""Timing, hardware ceilings and result rows shared by every benchmark suite.
+
+Timing: on CUDA, triton.testing.do_bench when triton is present (median of CUDA-event timings, caches
+flushed, warm-up excluded), else CUDA events here; on CPU, a perf_counter loop with warm-up, median.
+Ceilings are measured in the same process: a large device-to-device copy (bytes moved per second) and
+a large matmul (bf16 on GPU, fp32 on CPU). Every row reports the fraction of the matching ceiling.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Row:
+    suite: str                    # "ema", "gather", "attention", ...
+    case: str                     # shape/config label, e.g. "vit_base fp32"
+    impl: str                     # "ours (native)", "per-parameter loop", ...
+    ms: Optional[float]           # median milliseconds; None when the impl could not run
+    bytes: Optional[float] = None  # bytes a memory-bound op must move (for GB/s)
+    flops: Optional[float] = None  # useful FLOPs of a compute-bound op (for TFLOP/s)
+    baseline: Optional[str] = None  # the impl this row's speedup is relative to
+    note: str = ""               # why an impl did not run, or anything unusual
+    config: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # per-suite figures (img/s, peak memory, ...)
+
+    @property
+    def gbps(self) -> Optional[float]:
+        return self.bytes / self.ms / 1e6 if self.ms and self.bytes else None
+
+    @property
+    def tflops(self) -> Optional[float]:
+        return self.flops / self.ms / 1e9 if self.ms and self.flops else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["gbps"], d["tflops"] = self.gbps, self.tflops
+        return d
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, reps: Optional[int] = None,
+            budget_s: float = 1.0) -> float:
+    """Median wall time of fn() in milliseconds."""
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=max(50, int(budget_s * 400)), return_mode="median"))
+        except ImportError:
+            pass
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize(device)
+        times = []
+        n = reps or 20
+        for _ in range(n):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+    for _ in range(warmup):
+        fn()
+    times = []
+    deadline = time.perf_counter() + budget_s
+    while (reps is None and (len(times) < 3 or time.perf_counter() < deadline)) or (reps is not None and len(times) < reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if reps is None and len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+@dataclass
+class Ceilings:
+    copy_gbps: float     # bytes read + written per second by a large copy
+    matmul_tflops: float  # dense matmul rate (bf16 on CUDA, fp32 on CPU)
+    matmul_dtype: str
+
+
+def measure_ceilings(device: torch.device, quick: bool = False) -> Ceilings:
+    n = (1 << 26) if device.type == "cuda" else (1 << 24 if quick else 1 << 25)  # fp32 elements
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_fn(lambda: dst.copy_(src), device, budget_s=0.5 if quick else 1.0)
+    copy_gbps = 2 * n * 4 / ms / 1e6
+    if device.type == "cuda":
+        dtype, size = torch.bfloat16, 8192
+    else:
+        dtype, size = torch.float32, 1024 if quick else 2048
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    ms = time_fn(lambda: a @ b, device, budget_s=0.5 if quick else 1.0)
+    return Ceilings(copy_gbps, 2 * size**3 / ms / 1e9, str(dtype).replace("torch.", ""))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    import iwm_kernels
+
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "iwm": iwm_kernels.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "backends": {k: v.detail for k, v in iwm_kernels.available_backends().items()},
+    }
+
+
+def try_compile(fn: Callable, **kwargs) -> tuple[Optional[Callable], str]:
+    """torch.compile(fn), or None with the reason when compile is unavailable here."""
+    try:
+        return torch.compile(fn, **kwargs), ""
+    except Exception as exc:  # pragma: no cover - depends on the install
+        return None, f"torch.compile unavailable: {exc.__class__.__name__}: {exc}"

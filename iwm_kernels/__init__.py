@@ -1,0 +1,11 @@
+"""iwm_kernels: fused kernels for JEPA-style training (I-JEPA, IWM).
+
+Ops (each with reference, triton and native backends; see `available_backends()`):
+  ema_update_      target <- m * target + (1 - m) * online over every parameter, in one launch per dtype
+"""
+from ._backend import BACKENDS, Availability, available_backends
+from .ema import ema_update_
+
+__version__ = "0.1.0"
+
+__all__ = ["BACKENDS", "Availability", "available_backends", "ema_update_", "__version__"]

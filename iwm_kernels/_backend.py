@@ -1,0 +1,162 @@
+"""Backend names, what can run here, and which backend a call uses.
+
+Three backends implement every op:
+  reference  eager PyTorch written for clarity (the one tests and benchmarks compare to);
+  triton     Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
+  native     C++ (CPU, OpenMP via at::parallel_for) and CUDA, built just in time from csrc/.
+
+Choice, in order: the per-call `backend=` argument, then the IWM_KERNELS_BACKEND environment variable,
+then the automatic default (triton on CUDA tensors, native on CPU tensors, reference otherwise).
+An automatic choice that cannot run here falls back to the reference and warns once; an explicit
+choice that cannot run raises.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import NamedTuple, Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "native")
+ENV_VAR = "IWM_KERNELS_BACKEND"
+
+
+class Availability(NamedTuple):
+    available: bool
+    detail: str
+
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """One-line warning, at most once per process for each key."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_triton_status: Optional[Availability] = None
+
+
+def triton_status() -> Availability:
+    """Whether `import triton` works here (cached; never raises)."""
+    global _triton_status
+    if _triton_status is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton_status = Availability(True, f"triton {triton.__version__}")
+        except Exception as exc:  # ImportError, or a broken install
+            _triton_status = Availability(False, f"triton is not importable ({exc.__class__.__name__}: {exc}); "
+                                                 "pip install triton")
+    return _triton_status
+
+
+def triton_runs_on(device: torch.device) -> Availability:
+    status = triton_status()
+    if not status.available:
+        return status
+    if device.type == "cuda":
+        return status
+    if device.type == "cpu" and triton_interpreter_enabled():
+        return Availability(True, status.detail + " (interpreter)")
+    return Availability(False, f"{status.detail} is installed, but runs on CUDA tensors, or on CPU tensors only with TRITON_INTERPRET=1 "
+                               f"set before triton is imported (got {device.type} tensors)")
+
+
+def native_runs_on(device: torch.device) -> Availability:
+    from . import _native
+
+    status = _native.status()
+    if not status.available:
+        return status
+    if device.type == "cpu":
+        return status
+    if device.type == "cuda":
+        if _native.built_with_cuda():
+            return status
+        return Availability(False, "the native extension was built without CUDA (no CUDA torch or no nvcc)")
+    return Availability(False, f"no native code for {device.type} tensors")
+
+
+def runs_on(backend: str, device: torch.device) -> Availability:
+    if backend == "reference":
+        return Availability(True, "eager PyTorch")
+    if backend == "triton":
+        return triton_runs_on(device)
+    if backend == "native":
+        return native_runs_on(device)
+    raise ValueError(_unknown(backend, "backend"))
+
+
+def _unknown(name: object, source: str) -> str:
+    return f"{source}: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+
+
+def requested_backend(backend: Optional[str]) -> Optional[str]:
+    """The explicit choice (argument, else environment), validated; None means automatic."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(_unknown(backend, "backend"))
+        return backend
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    if env not in BACKENDS:
+        raise ValueError(_unknown(env, ENV_VAR))
+    return env
+
+
+def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> str:
+    """The backend that runs `op` on `device` tensors.
+
+    Explicit choices that cannot run here raise (the user asked for something specific); the automatic
+    choice degrades to the reference with a one-time warning.
+    """
+    explicit = requested_backend(backend)
+    if explicit is not None:
+        status = runs_on(explicit, device)
+        if not status.available:
+            raise RuntimeError(f"{op}: backend {explicit!r} cannot run here: {status.detail}")
+        return explicit
+    preferred = "triton" if device.type == "cuda" else "native" if device.type == "cpu" else "reference"
+    if preferred == "reference":
+        return "reference"
+    status = runs_on(preferred, device)
+    if status.available:
+        return preferred
+    if device.type == "cuda":  # triton missing: the native CUDA op is the next best thing
+        native = native_runs_on(device)
+        if native.available:
+            warn_once(f"fallback:{preferred}:{device.type}",
+                      f"iwm_kernels: {preferred} unavailable ({status.detail}); using the native backend")
+            return "native"
+    warn_once(f"fallback:{preferred}:{device.type}",
+              f"iwm_kernels: {preferred} backend unavailable on {device.type} ({status.detail}); "
+              f"using the reference backend")
+    return "reference"
+
+
+def available_backends() -> dict[str, Availability]:
+    """What can run here, and for what cannot, why.
+
+    Asking about `native` builds the extension on first use (cached afterwards), so the answer is true.
+    """
+    cuda = torch.device("cuda") if torch.cuda.is_available() else None
+    out = {}
+    for name in BACKENDS:
+        status = runs_on(name, torch.device("cpu"))
+        if cuda is not None:
+            on_cuda = runs_on(name, cuda)
+            if on_cuda.available and not status.available:
+                status = Availability(True, on_cuda.detail + f" (CUDA only; CPU: {status.detail})")
+            elif on_cuda.available:
+                status = Availability(True, on_cuda.detail + " (CPU and CUDA)")
+        out[name] = status
+    return out

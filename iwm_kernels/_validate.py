@@ -1,0 +1,66 @@
+"""Argument checks shared by every op and every backend.
+
+Backends assume their inputs passed through here: each check raises a ValueError/TypeError whose
+message starts with the argument's name, before anything is launched.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _dtype_names(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(t: object, name: str, *, dtypes: Optional[Sequence[torch.dtype]] = None,
+                 ndim: Optional[int | Sequence[int]] = None, device: Optional[torch.device] = None,
+                 contiguous: bool = False) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}: dtype {str(t.dtype).replace('torch.', '')} is not supported "
+                        f"(expected one of {_dtype_names(dtypes)})")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"{name}: expected {' or '.join(f'{n}-D' for n in allowed)}, "
+                             f"got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: on {t.device}, expected {device} like the other inputs")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous (call .contiguous() first)")
+    return t
+
+
+def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name}: on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_momentum(momentum: object, name: str = "momentum", device: Optional[torch.device] = None
+                   ) -> tuple[float, Optional[torch.Tensor]]:
+    """A Python number in [0, 1], or a 0-dim floating tensor (value not read: no host sync)."""
+    if isinstance(momentum, torch.Tensor):
+        if momentum.dim() != 0 or momentum.numel() != 1:
+            raise ValueError(f"{name}: a tensor momentum must be 0-dim, got shape {tuple(momentum.shape)}")
+        if not momentum.dtype.is_floating_point:
+            raise TypeError(f"{name}: a tensor momentum must be floating point, got {momentum.dtype}")
+        if device is not None and momentum.device != device and momentum.device.type != "cpu":
+            raise ValueError(f"{name}: on {momentum.device}, expected {device} (or CPU)")
+        if momentum.device.type == "cpu" and not torch.compiler.is_compiling():
+            value = float(momentum)
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name}: must be finite and within [0, 1], got {value}")
+        return float("nan"), momentum
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"{name}: expected a float or a 0-dim tensor, got {type(momentum).__name__}")
+    value = float(momentum)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name}: must be finite and within [0, 1], got {value}")
+    return value, None
