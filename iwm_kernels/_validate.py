@@ -64,3 +64,34 @@ def check_momentum(momentum: object, name: str = "momentum", device: Optional[to
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name}: must be finite and within [0, 1], got {value}")
     return value, None
+
+
+def check_cu_seqlens(cu: object, name: str, total: int, *, num_seqs: Optional[int] = None,
+                     device: Optional[torch.device] = None, check_values: bool = True) -> torch.Tensor:
+    """Offsets of a packed variable-length layout: 1-D int32/int64, starts at 0, non-decreasing, ends at
+    `total` (the packed length). Reading the values costs a device sync on CUDA; pass check_values=False
+    where the caller guarantees them (e.g. offsets our own sampler produced)."""
+    check_tensor(cu, name, dtypes=INDEX_DTYPES, ndim=1, device=device)
+    if cu.numel() < 1:
+        raise ValueError(f"{name}: needs at least one entry (offsets [0, ..., total])")
+    if num_seqs is not None and cu.numel() != num_seqs + 1:
+        raise ValueError(f"{name}: expected {num_seqs + 1} offsets for {num_seqs} sequences, got {cu.numel()}")
+    if check_values and not torch.compiler.is_compiling():
+        values = cu.tolist()
+        if values[0] != 0:
+            raise ValueError(f"{name}: must start at 0, got {values[0]}")
+        if any(b < a for a, b in zip(values, values[1:])):
+            raise ValueError(f"{name}: must be non-decreasing (monotone offsets)")
+        if values[-1] != total:
+            raise ValueError(f"{name}: must end at {total} (the packed length), got {values[-1]}")
+    return cu
+
+
+def check_index_range(index: torch.Tensor, name: str, upper: int, *, check_values: bool = True) -> None:
+    """Every entry in [0, upper). One min/max reduction (a device sync on CUDA)."""
+    if check_values and index.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0:
+            raise ValueError(f"{name}: negative index {lo}")
+        if hi >= upper:
+            raise ValueError(f"{name}: index {hi} out of range for size {upper}")
