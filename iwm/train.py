@@ -181,6 +181,7 @@ class Trainer:
         self.masks = build_mask_sampler(cfg, seed)
         self.aug_cfg = augment_config(cfg)
         self.step = 0
+        self._fault_nan_step = int(os.environ.get("IWM_FAULT_NAN_STEP", "-1"))
         self.skipped_images = 0
         self.best_loss = math.inf
         self.resumed_from: Optional[Path] = None
@@ -301,6 +302,8 @@ class Trainer:
                 with autocast:
                     step_module = self.compiled_step or self.ddp or _StepModule(model)
                     loss, stats = step_module(source, target, masks, action if model.conditioning != "none" else None)
+                if step == self._fault_nan_step:  # fault injection for tests: IWM_FAULT_NAN_STEP=<step>
+                    loss = loss * float("nan")
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise TrainingStopped(

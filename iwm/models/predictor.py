@@ -188,7 +188,7 @@ class VisionTransformerPredictor(nn.Module):
                 sequences.append(torch.cat(parts, dim=1))
         h = torch.cat(sequences, dim=0)
         for block in self.predictor_blocks:
-            h = block.forward_dense(h, backend=backend)
+            h = block.forward_dense(h)
         h = h[:, h.shape[1] - masks[0].shape[1]:]
         return self.predictor_proj(self.predictor_norm(h))
 

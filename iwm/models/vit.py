@@ -65,8 +65,8 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, segment_ids=segment_ids, backend=backend)
         return x + self.mlp(self.norm2(x))
 
-    def forward_dense(self, x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
-        x = x + self.attn.forward_dense(self.norm1(x), backend=backend)
+    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.forward_dense(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
@@ -152,12 +152,12 @@ class VisionTransformer(nn.Module):
         if masks is None:
             x = tokens + self.pos_embed.to(tokens.dtype)
             for block in self.blocks:
-                x = block.forward_dense(x, backend=backend)
+                x = block.forward_dense(x)
             return self.norm(x)
         if isinstance(masks, (list, tuple)):
             x = iwm_kernels.apply_masks(tokens + self.pos_embed.to(tokens.dtype), list(masks))
             for block in self.blocks:
-                x = block.forward_dense(x, backend=backend)
+                x = block.forward_dense(x)
             return self.norm(x)
         if cu_seqlens is None:
             raise ValueError("cu_seqlens: required with a packed index (or pass I-JEPA's list of [B, K] masks)")
