@@ -171,8 +171,8 @@ class Trainer:
         self.steps_per_epoch = len(self.dataset) // self.global_batch
         o = cfg.optimization
         self.total_steps = o.max_steps if o.max_steps > 0 else o.epochs * self.steps_per_epoch
-        self.schedule_steps = o.epochs * self.steps_per_epoch if o.max_steps <= 0 else min(
-            o.max_steps, o.epochs * self.steps_per_epoch) if o.epochs > 0 else o.max_steps
+        # Schedules span the configured epochs; max_steps only stops the run early (a resume continues).
+        self.schedule_steps = o.epochs * self.steps_per_epoch if o.epochs > 0 else o.max_steps
         self.schedules = Schedules(total_steps=self.schedule_steps,
                                    warmup_steps=int(o.warmup * self.steps_per_epoch),
                                    start_lr=o.start_lr, lr=o.lr, final_lr=o.final_lr, weight_decay=o.weight_decay,
@@ -260,9 +260,9 @@ class Trainer:
         gen = aug.generator_for_step(self.cfg.meta.seed, step)
         params = aug.sample_view_params(self.global_batch, self.aug_cfg, gen)
         lo = self.dist.rank * self.cfg.data.batch_size
-        params = params.slice(lo, lo + images.shape[0]).to(images.device)
+        params = params.slice(lo, lo + images.shape[0])
         source, target = aug.render_views(images, params, self.aug_cfg, backend=self.cfg.augment.backend or None)
-        return source, target, aug.action_from_params(params).to(images.device)
+        return source, target, aug.action_from_params(params).to(images.device, non_blocking=True)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:

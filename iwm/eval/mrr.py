@@ -80,3 +80,60 @@ def plot_rank_histogram(result: MRRResult, path, title: Optional[str] = None) ->
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _repeat_masks(masks, k: int):
+    """K identical samples of a one-sample MaskBatch (the same positions for every candidate)."""
+    enc, pred = masks.to_ijepa()  # exact for one sample: nothing to truncate
+    return type(masks).from_ijepa([enc[0].repeat(k, 1)], [p.repeat(k, 1) for p in pred], grid=masks.grid)
+
+
+@torch.no_grad()
+def evaluate_mrr(model, images: torch.Tensor, aug_cfg, mask_sampler, *, num_candidates: int = 256, seed: int = 0,
+                 chunk: int = 64, backend: Optional[str] = None) -> MRRResult:
+    """MRR of `model`'s predictor as a world model on uint8 images [n, 3, S, S] (S = the model's size).
+
+    Candidates: K target-view colour jitters (always applied, so no two candidates are the identity by
+    construction); the source is the clean image (zero destructive flags), so a(x→y_k) is candidate k's
+    jitter relative to identity. Target positions: one multi-block mask per image.
+    """
+    from iwm import augment as aug
+
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected uint8 [n, 3, S, S], got {tuple(images.shape)}")
+    if num_candidates < 2:
+        raise ValueError(f"num_candidates: need at least 2, got {num_candidates}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    cand_cfg = aug.AugmentConfig(**{**{f: getattr(aug_cfg, f) for f in aug_cfg.__dataclass_fields__},
+                                    "jitter_p": 1.0})
+    all_ranks = []
+    k = num_candidates
+    for i in range(images.shape[0]):
+        img = images[i:i + 1].to(device)
+        drawn = aug.sample_view_params(k, cand_cfg, aug.generator_for_step(seed, i))
+        clean = aug.ViewParams.identity(k, out_size=cand_cfg.out_size, solarize_threshold=cand_cfg.solarize_threshold)
+        cand = aug.ViewParams(**{**clean.__dict__, "target_jitter": drawn.target_jitter,
+                                 "target_jitter_applied": torch.ones(k, dtype=torch.bool)})
+        action = aug.action_from_params(cand).to(device)
+        source = aug.apply_view(img, clean.slice(0, 1), "source", cfg=cand_cfg, geometry=False, backend=backend)
+        masks1 = mask_sampler.sample(1, i)
+        masks = _repeat_masks(masks1, k).to(device)
+        masks1 = masks1.to(device)
+        context = model.encoder(source.float(), masks1.context_index, cu_seqlens=masks1.context_cu, backend=backend)
+        context = context.repeat(k, 1)
+        conditioning = model.predictor.conditioning
+        pred = model.predictor(context, masks, action=None if conditioning == "none" else action, backend=backend)
+        per_sample = masks.target_index.numel() // k
+        targets = []
+        for lo in range(0, k, chunk):  # encode each candidate once, in chunks to bound memory
+            hi = min(k, lo + chunk)
+            views = aug.apply_view(img.expand(hi - lo, -1, -1, -1), cand.slice(lo, hi), "target", cfg=cand_cfg,
+                                   geometry=False, backend=backend)
+            targets.append(model.targets(views.float(), masks.slice(lo, hi), backend))
+        targets = torch.cat(targets).view(k, per_sample, -1)
+        dist = pairwise_sq_distances(pred.view(k, per_sample, -1), targets)
+        all_ranks.append(ranks_from_distances(dist).cpu())
+    model.train(was_training)
+    return summarize(torch.stack(all_ranks), k)

@@ -1,0 +1,1 @@
+"""Evaluations: world-model MRR, linear probe, predictor finetuning (see each module)."""
