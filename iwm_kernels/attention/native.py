@@ -67,7 +67,7 @@ def mask(layout: Layout) -> Optional[torch.Tensor]:
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
                      dropout_p: float = 0.0) -> torch.Tensor:
     if layout.total == 0 or layout.longest == 0:
-        return q.new_zeros(q.shape)
+        return q.clone()  # no tokens (T == 0); still part of the autograd graph
     qp, kp, vp = _pad(q, layout), _pad(k, layout), _pad(v, layout)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask(layout), dropout_p=dropout_p, scale=scale)
     return _unpad(out, layout)

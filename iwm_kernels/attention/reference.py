@@ -46,7 +46,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
         outs.append(o.transpose(0, 1).to(q.dtype))
     if not outs:
-        return q.new_zeros(q.shape)
+        return q.clone()  # no tokens (T == 0); still part of the autograd graph
     return torch.cat(outs)
 
 
