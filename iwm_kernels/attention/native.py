@@ -1,13 +1,17 @@
 """Native varlen attention: the packed sequences padded to [num_seqs, longest] and one
 `F.scaled_dot_product_attention` call with a boolean mask built from the layout.
 
-This is pure PyTorch on purpose. On the CPU, SDPA already dispatches to ATen's fused flash-attention
-kernel (blocked, OpenMP-parallel, fp32 accumulation, with a fused backward), which accepts the boolean
-mask; a hand-written C++ loop over (sequence, head) blocks would redo that kernel to save only the
-padding, which the predictor barely has (its sequences differ by a few tokens). The padding and the
-gather back are two index copies. On CUDA the same code runs through SDPA's CUDA backends (the Triton
-kernels are the fast path there). The forward is differentiable through autograd (eager use); the
-explicit backward below serves the custom op under torch.compile, where autograd cannot record.
+This is pure PyTorch on purpose. On the CPU, SDPA dispatches to ATen's fused flash-attention kernel
+(blocked, OpenMP-parallel, fp32 accumulation, fused backward), which accepts the boolean mask. What a
+C++ kernel could save is the padding, which the predictor barely has (its sequences differ by a few
+tokens; padded/useful pairs ~1.3 at ViT-B shapes), and the fully masked blocks of the shared-context
+layout. The latter was tried in PyTorch (one SDPA call over the context groups, one over the target
+blocks against [context, own block], ~1.9x fewer pairs) and measured on the 2-core development machine
+(B=8, 12 heads of 32, forward+backward): no faster than the padded call, because ATen's kernel works
+in query blocks of 64+ rows and the target blocks are ~30 tokens. So the padded call stays, and
+equal-length layouts (I-JEPA's truncated masks) skip the padding. On CUDA the same code runs through SDPA's CUDA backends (the Triton kernels are the fast
+path there). The forward is differentiable through autograd (eager use); the explicit backward below
+serves the custom op under torch.compile, where autograd cannot record.
 """
 from __future__ import annotations
 
@@ -32,10 +36,29 @@ def _pad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     return buf.view(S, L, *x.shape[1:]).transpose(1, 2)
 
 
+class _GatherRows(torch.autograd.Function):
+    """x.index_select(0, rows) for rows without repeats. Its backward scatters (index_copy) instead of
+    index_select's accumulating index_add, which runs serially on the CPU."""
+
+    @staticmethod
+    def forward(ctx, x, rows):
+        ctx.save_for_backward(rows)
+        ctx.num_rows = x.shape[0]
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:])).index_copy_(0, rows, grad), None
+
+
 def _unpad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """[S, H, L, Dh] -> [T, H, Dh]."""
     S, H, L, D = x.shape
-    return x.transpose(1, 2).reshape(S * L, H, D).index_select(0, _padded_rows(layout))
+    flat = x.transpose(1, 2).reshape(S * L, H, D)
+    if torch.is_grad_enabled() and flat.requires_grad:
+        return _GatherRows.apply(flat, _padded_rows(layout))
+    return flat.index_select(0, _padded_rows(layout))
 
 
 def mask(layout: Layout) -> Optional[torch.Tensor]:
@@ -68,6 +91,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
                      dropout_p: float = 0.0) -> torch.Tensor:
     if layout.total == 0 or layout.longest == 0:
         return q.clone()  # no tokens (T == 0); still part of the autograd graph
+    if layout.segment_ids is None and layout.total == layout.num_seqs * layout.longest:  # equal lengths (I-JEPA's truncated masks): no padding
+        S, L = layout.num_seqs, layout.longest
+        qp, kp, vp = (x.view(S, L, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(qp, kp, vp, dropout_p=dropout_p, scale=scale)
+        return out.transpose(1, 2).reshape(q.shape)
     qp, kp, vp = _pad(q, layout), _pad(k, layout), _pad(v, layout)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask(layout), dropout_p=dropout_p, scale=scale)
     return _unpad(out, layout)

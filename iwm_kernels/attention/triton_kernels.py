@@ -14,11 +14,12 @@ Imported only when the triton backend runs. Under TRITON_INTERPRET=1 (CPU tests)
 fixed sizes and the matmul operands are upcast to fp32, because the interpreter computes bf16 dots
 wrongly; the low-precision rounding of P before the PV product is still applied (`.to(IN_DTYPE)`).
 On a GPU the block sizes come from a small autotune set valid on A100/H100 shared memory for head
-dims up to 128.
+dims up to 128; IWM_KERNELS_AUTOTUNE=0 uses one fixed config per kernel instead (fewer compiles, for
+tests on a fresh machine).
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
 
 import torch
 import triton
@@ -282,25 +283,41 @@ def _configs(pairs):
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "HAS_SEGMENTS", "SEQ_BUCKET"]
-# (BLOCK_M, BLOCK_N, warps, stages). K/V tiles of 128 x 128 fp32 x 2 stages = 256 KiB would not fit;
-# the autotuner drops configs that run out of shared memory, so fp32 at Dh=128 keeps the smaller ones.
-_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
+# (BLOCK_M, BLOCK_N, warps, stages), a few per kernel: each is compiled once per autotune key, and a
+# fresh GPU machine compiles them all. The autotuner drops configs that run out of shared memory (fp32
+# at head dim 128). The first entry of each list is the fixed config used without autotuning.
+_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
 # dk/dv: BLOCK_N is the key tile each program owns, BLOCK_M the query tile it walks.
-_DKDV_CONFIGS = [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (16, 64, 4, 3)]
-_DQ_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (32, 64, 4, 3)]
+_DKDV_CONFIGS = [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3)]
+_DQ_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
+# Without autotuning, wide fp32 rows (head dim 128) take smaller tiles and fewer stages.
+_SMALL = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
+
+AUTOTUNE = os.environ.get("IWM_KERNELS_AUTOTUNE", "1") not in ("", "0")
 
 if INTERPRET:
-    _fwd = _attn_fwd_kernel
-    _dkdv = _attn_bwd_dkdv_kernel
-    _dq = _attn_bwd_dq_kernel
     _FWD_BLOCKS = {"BLOCK_M": INTERPRET_BLOCK_M, "BLOCK_N": INTERPRET_BLOCK_N}
     _DKDV_BLOCKS = {"BLOCK_M": INTERPRET_BLOCK_N, "BLOCK_N": INTERPRET_BLOCK_M}
-    _DQ_BLOCKS = _FWD_BLOCKS
+    _KERNELS = {"fwd": (_attn_fwd_kernel, _FWD_BLOCKS), "dkdv": (_attn_bwd_dkdv_kernel, _DKDV_BLOCKS),
+                "dq": (_attn_bwd_dq_kernel, _FWD_BLOCKS)}
+elif AUTOTUNE:  # pragma: no cover - needs a GPU
+    _KERNELS = {name: (triton.autotune(_configs(cfgs), key=_AUTOTUNE_KEY)(kernel), {})
+                for name, kernel, cfgs in (("fwd", _attn_fwd_kernel, _FWD_CONFIGS),
+                                           ("dkdv", _attn_bwd_dkdv_kernel, _DKDV_CONFIGS),
+                                           ("dq", _attn_bwd_dq_kernel, _DQ_CONFIGS))}
 else:  # pragma: no cover - needs a GPU
-    _fwd = triton.autotune(_configs(_FWD_CONFIGS), key=_AUTOTUNE_KEY)(_attn_fwd_kernel)
-    _dkdv = triton.autotune(_configs(_DKDV_CONFIGS), key=_AUTOTUNE_KEY)(_attn_bwd_dkdv_kernel)
-    _dq = triton.autotune(_configs(_DQ_CONFIGS), key=_AUTOTUNE_KEY)(_attn_bwd_dq_kernel)
-    _FWD_BLOCKS = _DKDV_BLOCKS = _DQ_BLOCKS = {}
+    _KERNELS = {"fwd": (_attn_fwd_kernel, None), "dkdv": (_attn_bwd_dkdv_kernel, None),
+                "dq": (_attn_bwd_dq_kernel, None)}
+_FIRST = {"fwd": _FWD_CONFIGS[0], "dkdv": _DKDV_CONFIGS[0], "dq": _DQ_CONFIGS[0]}
+
+
+def _kernel(name: str, dtype: torch.dtype, head_dim: int):
+    """(kernel, launch kwargs): interpreter blocks, autotuned (no kwargs), or one fixed config."""
+    kernel, blocks = _KERNELS[name]
+    if blocks is not None:
+        return kernel, blocks
+    m, n, warps, stages = _SMALL[name] if _block_d(head_dim) * dtype.itemsize >= 512 else _FIRST[name]
+    return kernel, {"BLOCK_M": m, "BLOCK_N": n, "num_warps": warps, "num_stages": stages}
 
 
 def _block_d(head_dim: int) -> int:
@@ -344,11 +361,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, m
         return out, lse
     ctx_end, lo, hi, has_segments = _segment_args(layout)
     grid = lambda meta: (layout.num_seqs * H, triton.cdiv(max_seqlen, meta["BLOCK_M"]))  # noqa: E731
-    _fwd[grid](q, k, v, out, lse, layout.cu_seqlens_i32, ctx_end, lo, hi,
+    kernel, launch = _kernel("fwd", q.dtype, D)
+    kernel[grid](q, k, v, out, lse, layout.cu_seqlens_i32, ctx_end, lo, hi,
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
                out.stride(1), T, H, scale * LOG2E, _seq_bucket(max_seqlen),
                HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_SEGMENTS=has_segments, IN_DTYPE=_TL_DTYPE[q.dtype],
-               MM_DTYPE=_mm_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), **_FWD_BLOCKS)
+               MM_DTYPE=_mm_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), **launch)
     return out, lse
 
 
@@ -378,9 +396,11 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     bucket = _seq_bucket(max_seqlen)
     cu = layout.cu_seqlens_i32
     grid_kv = lambda meta: (layout.num_seqs * H, triton.cdiv(max_seqlen, meta["BLOCK_N"]))  # noqa: E731
-    _dkdv[grid_kv](q, k, v, grad_out, lse, delta, dk, dv, cu, ctx_end, lo, hi, *strides, T, H, scale * LOG2E, scale,
-                   bucket, **common, **_DKDV_BLOCKS)
+    kernel, launch = _kernel("dkdv", q.dtype, D)
+    kernel[grid_kv](q, k, v, grad_out, lse, delta, dk, dv, cu, ctx_end, lo, hi, *strides, T, H, scale * LOG2E, scale,
+                    bucket, **common, **launch)
     grid_q = lambda meta: (layout.num_seqs * H, triton.cdiv(max_seqlen, meta["BLOCK_M"]))  # noqa: E731
-    _dq[grid_q](q, k, v, grad_out, lse, delta, dq, cu, ctx_end, lo, hi, *strides, T, H, scale * LOG2E, scale,
-                bucket, **common, **_DQ_BLOCKS)
+    kernel, launch = _kernel("dq", q.dtype, D)
+    kernel[grid_q](q, k, v, grad_out, lse, delta, dq, cu, ctx_end, lo, hi, *strides, T, H, scale * LOG2E, scale,
+                   bucket, **common, **launch)
     return dq, dk, dv
