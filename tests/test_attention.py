@@ -400,9 +400,11 @@ def test_custom_op_passes_opcheck(seed):
 # ---- GPU (skipped without one) --------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype, head_dim", [(torch.bfloat16, 32), (torch.bfloat16, 64), (torch.bfloat16, 128),
+                                             (torch.float16, 64), (torch.float32, 64), (torch.float32, 128)])
 def test_cuda_triton_against_reference(dtype, head_dim, seed):
+    """Compiled kernels on a real GPU (each (dtype, head dim, segments) compiles three kernels; run with
+    IWM_KERNELS_AUTOTUNE=0 on a fresh machine, as scripts/gpu_check.sh does)."""
     gen = torch.Generator().manual_seed(seed)
     parts = random_segment_parts(gen, n=24) + [[150, 40, 35, 38, 42]]
     for segmented in (False, True):
@@ -410,3 +412,25 @@ def test_cuda_triton_against_reference(dtype, head_dim, seed):
         q, k, v = (x.detach().cuda().requires_grad_() for x in qkv(int(cu[-1]), 4, head_dim, dtype, gen))
         seg = seg.cuda() if segmented else None
         assert_matches_reference("triton", q, k, v, cu.cuda(), max_seqlen, seg, dtype, gen)
+
+
+@pytest.mark.gpu
+def test_cuda_module_shared_mode_bf16_autocast(seed):
+    """The predictor's path on a GPU: packing, VarlenSelfAttention under bf16 autocast, backward."""
+    from iwm_kernels import VarlenSelfAttention, pack_predictor_sequences, unpack_targets
+    gen = torch.Generator().manual_seed(seed)
+    B, M, D = 8, 4, 384
+    ctx = torch.randint(80, 120, (B,), generator=gen).tolist()
+    blk = torch.randint(25, 40, (B * M,), generator=gen).tolist()
+    off = lambda n: torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), device="cuda")  # noqa: E731
+    context = torch.randn(sum(ctx), D, device="cuda", requires_grad=True)
+    targets = torch.randn(sum(blk), D, device="cuda", requires_grad=True)
+    attn = VarlenSelfAttention(D, 12).cuda()
+    outs = {}
+    for backend in ("triton", "reference"):
+        p = pack_predictor_sequences(context, off(ctx), targets, off(blk), M, shared_context=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = unpack_targets(attn(p.x, p.cu_seqlens, p.max_seqlen, p.segment_ids, backend=backend), p)
+        outs[backend] = (y.float(), *torch.autograd.grad(y.float().square().mean(), (context, targets)))
+    for got, want in zip(outs["triton"], outs["reference"]):
+        torch.testing.assert_close(got, want, atol=3e-2 * max(1.0, float(want.abs().max())), rtol=3e-2)

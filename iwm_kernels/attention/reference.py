@@ -30,9 +30,12 @@ def _sequences(cu_seqlens: torch.Tensor):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      segment_ids: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """[T, H, Dh] -> [T, H, Dh]; differentiable through autograd."""
+    """[T, H, Dh] -> [T, H, Dh]; differentiable through autograd. Autocast is off inside, so the
+    fp32 computation stays fp32."""
     ct = _compute_dtype(q.dtype)
     outs = []
     for start, end in _sequences(cu_seqlens):
@@ -50,6 +53,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return torch.cat(outs)
 
 
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               cu_seqlens: torch.Tensor, segment_ids: Optional[torch.Tensor], scale: float
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
