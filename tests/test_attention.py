@@ -48,7 +48,8 @@ def random_segment_parts(gen, n=4):
     seqs = []
     for _ in range(n):
         ctx = int(torch.randint(0, 41, (1,), generator=gen))
-        blocks = [int(torch.randint(1, 21, (1,), generator=gen)) for _ in range(int(torch.randint(1, 5, (1,), generator=gen)))]
+        num_blocks = int(torch.randint(1, 5, (1,), generator=gen))
+        blocks = [int(torch.randint(1, 21, (1,), generator=gen)) for _ in range(num_blocks)]
         seqs.append([ctx] + blocks)
     seqs += [[int(torch.randint(1, 40, (1,), generator=gen))], [0, 7, BN + 1], [BM + 1, 1]]
     order = torch.randperm(len(seqs), generator=gen).tolist()
@@ -189,7 +190,8 @@ def test_reference_gradcheck_float64(seed):
     gen = torch.Generator().manual_seed(seed)
     cu, seg, max_seqlen = layout_from_parts([[3, 2, 2], [0, 2], [4]])
     q, k, v = qkv(int(cu[-1]), 2, 4, torch.float64, gen)
-    fn = lambda a, b, c: iwm_kernels.varlen_attention(a, b, c, cu, max_seqlen, segment_ids=seg, backend="reference")  # noqa: E731
+    def fn(a, b, c):
+        return iwm_kernels.varlen_attention(a, b, c, cu, max_seqlen, segment_ids=seg, backend="reference")
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 

@@ -2,16 +2,18 @@
 `F.scaled_dot_product_attention` call with a boolean mask built from the layout.
 
 This is pure PyTorch on purpose. On the CPU, SDPA dispatches to ATen's fused flash-attention kernel
-(blocked, OpenMP-parallel, fp32 accumulation, fused backward), which accepts the boolean mask. What a
-C++ kernel could save is the padding, which the predictor barely has (its sequences differ by a few
-tokens; padded/useful pairs ~1.3 at ViT-B shapes), and the fully masked blocks of the shared-context
-layout. The latter was tried in PyTorch (one SDPA call over the context groups, one over the target
-blocks against [context, own block], ~1.9x fewer pairs) and measured on the 2-core development machine
-(B=8, 12 heads of 32, forward+backward): no faster than the padded call, because ATen's kernel works
-in query blocks of 64+ rows and the target blocks are ~30 tokens. So the padded call stays, and
-equal-length layouts (I-JEPA's truncated masks) skip the padding. On CUDA the same code runs through SDPA's CUDA backends (the Triton kernels are the fast
-path there). The forward is differentiable through autograd (eager use); the explicit backward below
-serves the custom op under torch.compile, where autograd cannot record.
+(blocked, OpenMP-parallel, fp32 accumulation, fused backward), which accepts the boolean mask. A C++
+kernel of ours could save two things: the padding (the benchmark's "padding overhead" figure: about
+1.3x the useful pairs at ViT-B predictor shapes) and, in shared-context mode, the fully masked blocks.
+The second was tried in PyTorch (one SDPA call over the context groups, one over the target blocks
+against [context, own block]: ~1.9x fewer pairs) and measured on the 2-core development machine (B=8,
+12 heads of 32, forward+backward): no faster than the padded call, because ATen's kernel works in query
+blocks of 64+ rows while the target blocks are ~30 tokens. A hand-written C++ kernel would first have
+to match ATen's blocked GEMMs before its savings showed, so the padded call stays; equal-length layouts
+(I-JEPA's truncated masks) skip the padding. On CUDA the same code runs through SDPA's CUDA backends
+(the Triton kernels are the fast path there). The forward is differentiable through autograd (eager
+use); the explicit backward below serves the custom op under torch.compile, where autograd cannot
+record.
 """
 from __future__ import annotations
 
@@ -91,7 +93,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
                      dropout_p: float = 0.0) -> torch.Tensor:
     if layout.total == 0 or layout.longest == 0:
         return q.clone()  # no tokens (T == 0); still part of the autograd graph
-    if layout.segment_ids is None and layout.total == layout.num_seqs * layout.longest:  # equal lengths (I-JEPA's truncated masks): no padding
+    if layout.segment_ids is None and layout.total == layout.num_seqs * layout.longest:
+        # Equal lengths (I-JEPA's truncated masks): a view, no padding, no mask.
         S, L = layout.num_seqs, layout.longest
         qp, kp, vp = (x.view(S, L, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         out = F.scaled_dot_product_attention(qp, kp, vp, dropout_p=dropout_p, scale=scale)
