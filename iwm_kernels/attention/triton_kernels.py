@@ -283,41 +283,49 @@ def _configs(pairs):
 
 
 _AUTOTUNE_KEY = ["HEAD_DIM", "HAS_SEGMENTS", "SEQ_BUCKET"]
-# (BLOCK_M, BLOCK_N, warps, stages), a few per kernel: each is compiled once per autotune key, and a
-# fresh GPU machine compiles them all. The autotuner drops configs that run out of shared memory (fp32
-# at head dim 128). The first entry of each list is the fixed config used without autotuning.
-_FWD_CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
-# dk/dv: BLOCK_N is the key tile each program owns, BLOCK_M the query tile it walks.
-_DKDV_CONFIGS = [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3)]
-_DQ_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
-# Without autotuning, wide fp32 rows (head dim 128) take smaller tiles and fewer stages.
-_SMALL = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel and padded head dim, a few each: every config is compiled
+# once per autotune key on a fresh machine. Chosen from an offline sm_90 compile (triton.compile with
+# GPUTarget("cuda", 90, 32), bf16, segments on) to avoid register spills: e.g. at head dim 128 the
+# forward's 128x64 tile with 4 warps spills ~2 KB per thread, with 8 warps ~50 bytes, 64x64 with 8
+# warps none. The first entry is the fixed config used without autotuning. For the dk/dv kernel
+# BLOCK_N is the key tile a program owns and BLOCK_M the query tile it walks.
+_CONFIGS = {
+    "fwd": {32: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3)],
+            64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
+            128: [(64, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3)]},
+    "dkdv": {32: [(32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3), (64, 128, 8, 2)],
+             64: [(32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (32, 32, 4, 3)],
+             128: [(32, 32, 4, 3), (64, 64, 8, 3), (32, 64, 8, 3)]},
+    "dq": {32: [(64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
+           64: [(64, 64, 8, 3), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3)],
+           128: [(64, 32, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3)]},
+}
+# fp32 operands (exact "ieee" dots, tests and fp32 users) take small tiles without autotuning.
+_FP32_FIXED = {"fwd": (64, 32, 4, 2), "dkdv": (32, 32, 4, 2), "dq": (32, 32, 4, 2)}
+_JIT = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
 
 AUTOTUNE = os.environ.get("IWM_KERNELS_AUTOTUNE", "1") not in ("", "0")
-
-if INTERPRET:
-    _FWD_BLOCKS = {"BLOCK_M": INTERPRET_BLOCK_M, "BLOCK_N": INTERPRET_BLOCK_N}
-    _DKDV_BLOCKS = {"BLOCK_M": INTERPRET_BLOCK_N, "BLOCK_N": INTERPRET_BLOCK_M}
-    _KERNELS = {"fwd": (_attn_fwd_kernel, _FWD_BLOCKS), "dkdv": (_attn_bwd_dkdv_kernel, _DKDV_BLOCKS),
-                "dq": (_attn_bwd_dq_kernel, _FWD_BLOCKS)}
-elif AUTOTUNE:  # pragma: no cover - needs a GPU
-    _KERNELS = {name: (triton.autotune(_configs(cfgs), key=_AUTOTUNE_KEY)(kernel), {})
-                for name, kernel, cfgs in (("fwd", _attn_fwd_kernel, _FWD_CONFIGS),
-                                           ("dkdv", _attn_bwd_dkdv_kernel, _DKDV_CONFIGS),
-                                           ("dq", _attn_bwd_dq_kernel, _DQ_CONFIGS))}
-else:  # pragma: no cover - needs a GPU
-    _KERNELS = {"fwd": (_attn_fwd_kernel, None), "dkdv": (_attn_bwd_dkdv_kernel, None),
-                "dq": (_attn_bwd_dq_kernel, None)}
-_FIRST = {"fwd": _FWD_CONFIGS[0], "dkdv": _DKDV_CONFIGS[0], "dq": _DQ_CONFIGS[0]}
+_INTERPRET_BLOCKS = {"fwd": {"BLOCK_M": INTERPRET_BLOCK_M, "BLOCK_N": INTERPRET_BLOCK_N},
+                     "dkdv": {"BLOCK_M": INTERPRET_BLOCK_N, "BLOCK_N": INTERPRET_BLOCK_M},
+                     "dq": {"BLOCK_M": INTERPRET_BLOCK_M, "BLOCK_N": INTERPRET_BLOCK_N}}
+_autotuned: dict = {}
 
 
 def _kernel(name: str, dtype: torch.dtype, head_dim: int):
-    """(kernel, launch kwargs): interpreter blocks, autotuned (no kwargs), or one fixed config."""
-    kernel, blocks = _KERNELS[name]
-    if blocks is not None:
-        return kernel, blocks
-    m, n, warps, stages = _SMALL[name] if _block_d(head_dim) * dtype.itemsize >= 512 else _FIRST[name]
-    return kernel, {"BLOCK_M": m, "BLOCK_N": n, "num_warps": warps, "num_stages": stages}
+    """(kernel, launch kwargs): interpreter blocks, an autotuner (no kwargs), or one fixed config."""
+    if INTERPRET:
+        return _JIT[name], _INTERPRET_BLOCKS[name]
+    configs = _CONFIGS[name][max(32, _block_d(head_dim))]
+    if dtype == torch.float32:
+        m, n, warps, stages = _FP32_FIXED[name]
+    elif AUTOTUNE:  # pragma: no cover - needs a GPU
+        key = (name, _block_d(head_dim))
+        if key not in _autotuned:
+            _autotuned[key] = triton.autotune(_configs(configs), key=_AUTOTUNE_KEY)(_JIT[name])
+        return _autotuned[key], {}
+    else:  # pragma: no cover - needs a GPU
+        m, n, warps, stages = configs[0]
+    return _JIT[name], {"BLOCK_M": m, "BLOCK_N": n, "num_warps": warps, "num_stages": stages}
 
 
 def _block_d(head_dim: int) -> int:
