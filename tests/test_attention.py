@@ -160,8 +160,6 @@ def test_head_dims(backend, head_dim, seed):
 
 @pytest.mark.parametrize("backend", FAST)
 def test_float16(backend, seed):
-    if backend == "native":
-        pytest.skip("CPU SDPA has no float16 kernel worth testing here")
     gen = torch.Generator().manual_seed(seed)
     cu, seg, max_seqlen = layout_from_parts([[12, 9, 14], [BM + 3]])
     q, k, v = qkv(int(cu[-1]), 2, 32, torch.float16, gen)

@@ -98,7 +98,7 @@ class Layout:
 
 
 _cache: "dict[tuple, tuple]" = {}
-_MAX_ENTRIES = 8
+_MAX_ENTRIES = 4
 
 
 def _alive(entry, cu, seg) -> bool:
