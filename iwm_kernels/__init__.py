@@ -2,10 +2,16 @@
 
 Ops (each with reference, triton and native backends; see `available_backends()`):
   ema_update_      target <- m * target + (1 - m) * online over every parameter, in one launch per dtype
+  varlen_attention softmax attention over packed variable-length sequences, with the predictor's
+                   shared-context segments (VarlenSelfAttention, pack_predictor_sequences build on it)
 """
 from ._backend import BACKENDS, Availability, available_backends
+from .attention import (PackedPredictorInput, VarlenSelfAttention, pack_predictor_sequences, unpack_targets,
+                        varlen_attention)
 from .ema import ema_update_
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "Availability", "available_backends", "ema_update_", "__version__"]
+__all__ = ["BACKENDS", "Availability", "available_backends", "ema_update_", "varlen_attention",
+           "VarlenSelfAttention", "pack_predictor_sequences", "unpack_targets", "PackedPredictorInput",
+           "__version__"]

@@ -95,3 +95,55 @@ def check_index_range(index: torch.Tensor, name: str, upper: int, *, check_value
             raise ValueError(f"{name}: negative index {lo}")
         if hi >= upper:
             raise ValueError(f"{name}: index {hi} out of range for size {upper}")
+
+
+def check_max_seqlen(max_seqlen: object, name: str, lengths: Optional[torch.Tensor] = None) -> int:
+    """A Python int >= 0; when `lengths` (per-sequence token counts) is given, also >= the longest."""
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        if isinstance(max_seqlen, torch.SymInt):
+            return max_seqlen  # type: ignore[return-value]  # traced by torch.compile: value unknown
+        raise TypeError(f"{name}: expected a Python int, got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"{name}: must be >= 0, got {max_seqlen}")
+    if lengths is not None and lengths.numel() and not torch.compiler.is_compiling():
+        longest = int(lengths.max())
+        if longest > max_seqlen:
+            raise ValueError(f"{name}: {max_seqlen} is shorter than the longest sequence ({longest} tokens)")
+    return max_seqlen
+
+
+def check_segment_ids(segment_ids: object, name: str, cu_seqlens: torch.Tensor, total: int, *,
+                      device: Optional[torch.device] = None, check_values: bool = True) -> torch.Tensor:
+    """Segment labels of a packed layout (the predictor's shared-context structure).
+
+    1-D int32/int64, one entry per packed token, every entry >= 0. Inside each sequence (rows
+    cu_seqlens[i]:cu_seqlens[i+1], whose values must already be valid) every segment is one contiguous
+    run, and segment 0, when present, comes first. Value checks cost a device sync on CUDA.
+    """
+    check_tensor(segment_ids, name, dtypes=INDEX_DTYPES, ndim=1, device=device)
+    if segment_ids.numel() != total:
+        raise ValueError(f"{name}: expected {total} entries (one per packed token), got {segment_ids.numel()}")
+    if not check_values or total == 0 or torch.compiler.is_compiling():
+        return segment_ids
+    seg = segment_ids.long()
+    if int(seg.min()) < 0:
+        raise ValueError(f"{name}: negative segment id {int(seg.min())}")
+    cu = cu_seqlens.long()
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=seg.device), lengths)
+    seq_start = torch.zeros(total, dtype=torch.bool, device=seg.device)
+    seq_start[cu[:-1][lengths > 0]] = True
+    run_start = seq_start.clone()
+    run_start[1:] |= seg[1:] != seg[:-1]
+    starts = torch.nonzero(run_start).squeeze(1)
+    late_zero = (seg[starts] == 0) & ~seq_start[starts]
+    if bool(late_zero.any()):
+        row = int(starts[late_zero.nonzero()[0, 0]])
+        raise ValueError(f"{name}: segment 0 must come first in its sequence (sequence {int(seq[row])} has "
+                         f"segment-0 tokens after another segment, at row {row})")
+    pairs = torch.stack([seq[starts], seg[starts]], dim=1)
+    unique, counts = torch.unique(pairs, dim=0, return_counts=True)
+    if bool((counts > 1).any()):
+        s, g = unique[(counts > 1).nonzero()[0, 0]].tolist()
+        raise ValueError(f"{name}: segment {g} of sequence {s} is not contiguous (its tokens must be one run)")
+    return segment_ids

@@ -1,0 +1,199 @@
+"""Variable-length attention for packed sequences, with the IWM predictor's shared-context segments.
+
+Public entry: `varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, segment_ids=None, scale=None,
+backend=None)` on packed [T, H, Dh] tensors (FlashAttention's varlen layout). With `segment_ids`, a
+query in segment 0 sees only segment-0 keys of its sequence, and a query in segment g > 0 sees the
+segment-0 keys and its own segment's keys (see layout.py for how the kernels use that).
+
+Eager calls run the chosen backend directly (Triton through a torch.autograd.Function; the reference
+and native backends through plain autograd), with the layout's value checks cached per offsets tensor.
+Under torch.compile the call is the custom op `iwm::varlen_attention` (fake implementation, autograd
+through `iwm::varlen_attention_backward`), so a compiled model traces through without a graph break.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .._backend import resolve_backend
+from .._validate import FLOAT_DTYPES, check_cu_seqlens, check_max_seqlen, check_segment_ids, check_tensor
+from . import native, reference
+from .layout import Layout, prepare
+from .module import VarlenSelfAttention
+from .packing import PackedPredictorInput, pack_predictor_sequences, unpack_targets
+
+__all__ = ["varlen_attention", "VarlenSelfAttention", "pack_predictor_sequences", "unpack_targets",
+           "PackedPredictorInput", "Layout", "prepare", "run_backend", "TRITON_HEAD_DIMS"]
+
+# Head dims the Triton kernels run at full tile efficiency; any other dim up to 128 is zero-padded
+# inside the kernel (masked loads) to the next power of two.
+TRITON_HEAD_DIMS = (32, 64, 128)
+TRITON_MAX_HEAD_DIM = 128
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_qkv(q: object, k: object, v: object) -> tuple[int, int, int]:
+    check_tensor(q, "q", dtypes=FLOAT_DTYPES, ndim=3)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(t, name, dtypes=FLOAT_DTYPES, ndim=3, device=q.device)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {str(t.dtype).replace('torch.', '')} differs from q's "
+                            f"{str(q.dtype).replace('torch.', '')}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} differs from q's {tuple(q.shape)} "
+                             "(packed [T, H, Dh]; T, heads and head dim must match)")
+    T, H, D = q.shape
+    if H == 0 or D == 0:
+        raise ValueError(f"q: needs at least one head and a head dim >= 1, got shape {tuple(q.shape)}")
+    return T, H, D
+
+
+def _check_scale(scale: object, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale == 0:
+        raise ValueError(f"scale: must be finite and non-zero, got {scale}")
+    return float(scale)
+
+
+def _check_triton_support(q: torch.Tensor) -> None:
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"q: dtype {str(q.dtype).replace('torch.', '')} is not supported by the triton backend "
+                        "(float32, bfloat16, float16; use backend='reference' for float64)")
+    if q.shape[2] > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"q: head dim {q.shape[2]} is not supported by the triton backend (at most "
+                         f"{TRITON_MAX_HEAD_DIM}; {', '.join(map(str, TRITON_HEAD_DIMS))} run unpadded)")
+
+
+class _TritonVarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, max_seqlen, scale):
+        from . import triton_kernels
+
+        out, lse = triton_kernels.forward(q, k, v, layout, max_seqlen, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.max_seqlen, ctx.scale = layout, max_seqlen, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from . import triton_kernels
+
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = triton_kernels.backward(grad_out, q, k, v, out, lse, ctx.layout, ctx.max_seqlen, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def run_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+                max_seqlen: int, scale: float) -> torch.Tensor:
+    """One named backend on validated inputs, differentiable (benchmarks call this directly)."""
+    if backend == "triton":
+        return _TritonVarlenAttention.apply(q, k, v, layout, max_seqlen, scale)
+    if backend == "native":
+        return native.varlen_attention(q, k, v, layout, scale)
+    if backend == "reference":
+        return reference.varlen_attention(q, k, v, layout.cu_seqlens, layout.segment_ids, scale)
+    raise ValueError(f"backend: unknown backend {backend!r}")
+
+
+# ---- custom ops: what torch.compile sees ---------------------------------------------------------------
+
+@torch.library.custom_op("iwm::varlen_attention", mutates_args=(), device_types=None)
+def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                         max_seqlen: int, segment_ids: Optional[torch.Tensor], scale: float, backend: str
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen)
+    if backend == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.forward(q, k, v, layout, max_seqlen, scale)
+    with torch.no_grad():
+        if backend == "native":
+            out = native.varlen_attention(q, k, v, layout, scale)
+        else:
+            out = reference.varlen_attention(q, k, v, cu_seqlens, segment_ids, scale)
+    return out, q.new_empty((0,), dtype=torch.float32)
+
+
+@_varlen_attention_op.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend):
+    lse_shape = (q.shape[1], q.shape[0]) if backend == "triton" else (0,)
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("iwm::varlen_attention_backward", mutates_args=(), device_types=None)
+def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                  out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                                  segment_ids: Optional[torch.Tensor], scale: float, backend: str
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen)
+    if backend == "triton":
+        from . import triton_kernels
+
+        return triton_kernels.backward(grad_out, q, k, v, out, lse, layout, max_seqlen, scale)
+    if backend == "native":
+        return native.varlen_attention_backward(grad_out, q, k, v, layout, scale)
+    return reference.varlen_attention_backward(grad_out, q, k, v, cu_seqlens, segment_ids, scale)
+
+
+@_varlen_attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, segment_ids, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, segment_ids)
+    ctx.max_seqlen, ctx.scale, ctx.backend = max_seqlen, scale, backend
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens, segment_ids = ctx.saved_tensors
+    dq, dk, dv = _varlen_attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
+                                               segment_ids, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ----------------------------------------------------------------------------------------
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, *, segment_ids: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Softmax attention inside each packed sequence: out[T, H, Dh].
+
+    q, k, v: packed [T, H, Dh], same shape, dtype (float32, bfloat16, float16; float64 on the
+        reference and native backends) and device; rows may be strided (e.g. views of one qkv tensor)
+        as long as the head dim is contiguous.
+    cu_seqlens: [num_seqs + 1] int32/int64 offsets on q's device: sequence i is rows
+        cu_seqlens[i]:cu_seqlens[i+1]; empty sequences are allowed. A token attends only within its
+        own sequence.
+    max_seqlen: a Python int >= the longest sequence (sizes the launch grid; no device read).
+    segment_ids: optional [T] int labels of the predictor's shared-context structure. Inside each
+        sequence every segment is contiguous and segment 0 (context) comes first. A query in segment 0
+        sees only segment-0 keys; a query in segment g > 0 sees segment-0 keys and its own segment's.
+    scale: softmax scale, default 1/sqrt(Dh).
+    backend: "reference" | "triton" | "native"; default from IWM_KERNELS_BACKEND, else automatic.
+
+    Accumulation is fp32 for every input dtype. Differentiable in q, k and v.
+    """
+    T, H, D = _check_qkv(q, k, v)
+    check_cu_seqlens(cu_seqlens, "cu_seqlens", T, device=q.device, check_values=False)
+    check_max_seqlen(max_seqlen, "max_seqlen")
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, "segment_ids", cu_seqlens, T, device=q.device, check_values=False)
+    scale = _check_scale(scale, D)
+    chosen = resolve_backend(backend, q.device, "varlen_attention")
+    if chosen == "triton":
+        _check_triton_support(q)
+    if torch.compiler.is_compiling():
+        return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, chosen)[0]
+    layout = prepare(cu_seqlens, segment_ids, T, max_seqlen)
+    return run_backend(chosen, q, k, v, layout, max_seqlen, scale)

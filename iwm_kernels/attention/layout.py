@@ -1,0 +1,134 @@
+"""What every backend needs to know about one packed layout (cu_seqlens + optional segment_ids).
+
+The visibility rule, for a query row q and a key row k of the same sequence s:
+
+    visible(q, k) = k < ctx_end[s]  or  lo[q] <= k < hi[q]
+
+where ctx_end[s] is the end (absolute row) of sequence s's segment 0 and [lo[q], hi[q]) is the row range
+of q's own segment when that segment is not 0 (an empty range at ctx_end[s] when it is). Without
+segment_ids, ctx_end[s] is the end of the sequence and there is no second range. Because segments are
+contiguous and segment 0 comes first, the keys a whole tile of queries can see are two row intervals:
+[seq_start, ctx_end) and [min lo, max hi) over the tile; that is what lets the Triton kernels skip every
+other key tile.
+
+`prepare` validates the values (a device sync on CUDA) and computes these arrays once per pair of
+offset tensors: a predictor calls the attention once per layer with the same cu_seqlens/segment_ids,
+so the result is cached on the identity and version counter of those tensors (the cache holds them,
+so an id cannot be reused by another tensor while its entry lives; a few entries only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .._validate import check_cu_seqlens, check_max_seqlen, check_segment_ids
+
+
+@dataclass
+class Layout:
+    cu_seqlens: torch.Tensor               # the caller's offsets
+    segment_ids: Optional[torch.Tensor]    # the caller's segment labels (None: plain varlen)
+    total: int                             # packed rows
+    num_seqs: int
+    longest: int                           # longest sequence (<= the caller's max_seqlen)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def _get(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self._get("lengths", lambda: (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long())
+
+    @property
+    def seq_index(self) -> torch.Tensor:
+        """Sequence of each packed row [T] (int64)."""
+        return self._get("seq_index", lambda: torch.repeat_interleave(
+            torch.arange(self.num_seqs, device=self.cu_seqlens.device), self.lengths, output_size=self.total))
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Position of each packed row inside its sequence [T] (int64)."""
+        return self._get("positions", lambda: torch.arange(self.total, device=self.cu_seqlens.device)
+                         - self.cu_seqlens.long()[:-1][self.seq_index])
+
+    @property
+    def cu_seqlens_i32(self) -> torch.Tensor:
+        return self._get("cu32", lambda: self.cu_seqlens.to(torch.int32).contiguous())
+
+    def bounds(self) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(ctx_end [S], lo [T], hi [T]) as int32 absolute rows; lo/hi are None without segments."""
+        return self._get("bounds", self._bounds)
+
+    def _bounds(self):
+        cu = self.cu_seqlens.long()
+        if self.segment_ids is None:
+            return cu[1:].to(torch.int32).contiguous(), None, None
+        seg = self.segment_ids.long()
+        device = seg.device
+        seq = self.seq_index
+        zeros = torch.zeros(self.num_seqs, dtype=torch.long, device=device)
+        ctx_len = zeros.index_add(0, seq, (seg == 0).long())
+        ctx_end = cu[:-1] + ctx_len
+        run_start = torch.zeros(self.total, dtype=torch.bool, device=device)
+        run_start[cu[:-1][self.lengths > 0]] = True
+        run_start[1:] |= seg[1:] != seg[:-1]
+        starts = torch.nonzero(run_start).squeeze(1)
+        ends = torch.cat([starts[1:], starts.new_tensor([self.total])])
+        run = torch.cumsum(run_start.long(), 0) - 1
+        lo, hi = starts[run], ends[run]
+        in_ctx = seg == 0
+        lo = torch.where(in_ctx, ctx_end[seq], lo)
+        hi = torch.where(in_ctx, ctx_end[seq], hi)
+        i32 = torch.int32
+        return ctx_end.to(i32).contiguous(), lo.to(i32).contiguous(), hi.to(i32).contiguous()
+
+    def visible_pairs(self) -> int:
+        """Number of (query, key) pairs that attend: the useful work of one head (host sync)."""
+        ctx_end, lo, hi = self.bounds()
+        cu = self.cu_seqlens.long()
+        if lo is None:
+            return int((self.lengths ** 2).sum())
+        ctx = (ctx_end.long() - cu[:-1])[self.seq_index]
+        return int((ctx + (hi.long() - lo.long())).sum())
+
+
+_cache: "dict[tuple, tuple]" = {}
+_MAX_ENTRIES = 4
+
+
+def _alive(entry, cu, seg) -> bool:
+    layout, cu_version, seg_version = entry
+    if layout.cu_seqlens is not cu or cu._version != cu_version:
+        return False
+    if seg is None:
+        return layout.segment_ids is None
+    return layout.segment_ids is seg and seg._version == seg_version
+
+
+def prepare(cu_seqlens: torch.Tensor, segment_ids: Optional[torch.Tensor], total: int, max_seqlen: int,
+            *, check_values: bool = True) -> Layout:
+    """Validate the values of a packed layout (structure is checked by the caller) and describe it."""
+    key = (id(cu_seqlens), id(segment_ids) if segment_ids is not None else None, total)
+    entry = _cache.get(key)
+    if entry is not None and _alive(entry, cu_seqlens, segment_ids):
+        layout = entry[0]
+    else:
+        check_cu_seqlens(cu_seqlens, "cu_seqlens", total, check_values=check_values)
+        if segment_ids is not None:
+            check_segment_ids(segment_ids, "segment_ids", cu_seqlens, total, check_values=check_values)
+        num_seqs = cu_seqlens.numel() - 1
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        longest = int(lengths.max()) if num_seqs else 0
+        layout = Layout(cu_seqlens, segment_ids, total, num_seqs, longest)
+        layout._cache["lengths"] = lengths
+        _cache[key] = (layout, cu_seqlens._version, segment_ids._version if segment_ids is not None else None)
+        while len(_cache) > _MAX_ENTRIES:
+            _cache.pop(next(iter(_cache)))
+    if isinstance(max_seqlen, int) and layout.longest > max_seqlen:
+        check_max_seqlen(max_seqlen, "max_seqlen", layout.lengths)
+    return layout
