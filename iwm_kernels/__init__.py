@@ -2,10 +2,14 @@
 
 Ops (each with reference, triton and native backends; see `available_backends()`):
   ema_update_      target <- m * target + (1 - m) * online over every parameter, in one launch per dtype
+  gather_tokens    per-sample (ragged) token subsets, fused with + pos, + bias and a no-affine layer norm
+  apply_masks      drop-in for I-JEPA's apply_masks (list of [B, K] masks), on the gather kernels
 """
 from ._backend import BACKENDS, Availability, available_backends
 from .ema import ema_update_
+from .gather import apply_masks, gather_tokens
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "Availability", "available_backends", "ema_update_", "__version__"]
+__all__ = ["BACKENDS", "Availability", "available_backends", "ema_update_", "gather_tokens", "apply_masks",
+           "__version__"]

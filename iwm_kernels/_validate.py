@@ -95,3 +95,39 @@ def check_index_range(index: torch.Tensor, name: str, upper: int, *, check_value
             raise ValueError(f"{name}: negative index {lo}")
         if hi >= upper:
             raise ValueError(f"{name}: index {hi} out of range for size {upper}")
+
+
+def check_index_values(index: torch.Tensor, name: str, upper: int, *,
+                       segment_starts: Optional[torch.Tensor] = None, check_values: bool = True) -> bool:
+    """`check_index_range` plus order, in one host round trip: every entry in [0, upper), and returns
+    whether the flattened entries never decrease, except where a new segment starts (positions listed
+    in `segment_starts`, which may restart lower). Returns False when the values are not read."""
+    if not check_values or torch.compiler.is_compiling():
+        return False
+    flat = index.reshape(-1)
+    if flat.numel() == 0:
+        return True
+    if flat.numel() > 1:
+        rises = flat[1:] >= flat[:-1]
+        if segment_starts is not None and segment_starts.numel():
+            starts = segment_starts.to(device=flat.device, dtype=torch.int64)
+            starts = starts[(starts > 0) & (starts < flat.numel())]
+            rises[starts - 1] = True
+        ordered = rises.all()
+    else:
+        ordered = torch.ones((), dtype=torch.bool, device=flat.device)
+    lo, hi, in_order = torch.stack([flat.min().long(), flat.max().long(), ordered.long()]).tolist()
+    if lo < 0:
+        raise ValueError(f"{name}: negative index {lo}")
+    if hi >= upper:
+        raise ValueError(f"{name}: index {hi} out of range for size {upper}")
+    return bool(in_order)
+
+
+def check_eps(eps: object, name: str = "eps") -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(eps).__name__}")
+    value = float(eps)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{name}: must be finite and > 0, got {value}")
+    return value
