@@ -227,7 +227,7 @@ def _rect_index(top: np.ndarray, left: np.ndarray, size: Grid, width: int) -> np
     """[..., h*w] int64: the sorted flat indices of the size[0] x size[1] rectangle at (top, left)."""
     rows = top[..., None] + np.arange(size[0])
     cols = left[..., None] + np.arange(size[1])
-    return (rows[..., :, None] * width + cols[..., None, :]).reshape(*top.shape, -1)
+    return (rows[..., :, None] * width + cols[..., None, :]).reshape(*top.shape, size[0] * size[1])
 
 
 def _rect_masks(top: np.ndarray, left: np.ndarray, size: Grid, grid: Grid) -> np.ndarray:
@@ -236,7 +236,7 @@ def _rect_masks(top: np.ndarray, left: np.ndarray, size: Grid, grid: Grid) -> np
     cols = np.arange(grid[1])
     in_rows = (rows >= top[..., None]) & (rows < top[..., None] + size[0])
     in_cols = (cols >= left[..., None]) & (cols < left[..., None] + size[1])
-    return (in_rows[..., :, None] & in_cols[..., None, :]).reshape(*top.shape, -1)
+    return (in_rows[..., :, None] & in_cols[..., None, :]).reshape(*top.shape, grid[0] * grid[1])
 
 
 class MultiBlockMaskSampler:
@@ -336,7 +336,7 @@ class MultiBlockMaskSampler:
         else:
             context = np.ones((batch, self.num_patches), dtype=bool)
         if keep_targets:
-            context[np.arange(batch)[:, None], targets[:, :keep_targets].reshape(batch, -1)] = False
+            context[np.arange(batch)[:, None], targets[:, :keep_targets].reshape(batch, keep_targets * targets.shape[2])] = False
         return context
 
     def sample(self, batch_size: int, step: int) -> MaskBatch:

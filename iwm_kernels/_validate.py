@@ -98,30 +98,32 @@ def check_index_range(index: torch.Tensor, name: str, upper: int, *, check_value
 
 
 def check_index_values(index: torch.Tensor, name: str, upper: int, *,
-                       segment_starts: Optional[torch.Tensor] = None, check_values: bool = True) -> bool:
-    """`check_index_range` plus order, in one host round trip: every entry in [0, upper), and returns
-    whether the flattened entries never decrease, except where a new segment starts (positions listed
-    in `segment_starts`, which may restart lower). Returns False when the values are not read."""
+                       segment_starts: Optional[torch.Tensor] = None, check_values: bool = True,
+                       want_order: bool = True) -> bool:
+    """`check_index_range` plus order, in one host round trip: every entry in [0, upper), and (when
+    `want_order`) whether the flattened entries never decrease, except where a new segment starts
+    (positions listed in `segment_starts`, which may restart lower). Returns False when the values are
+    not read or the order was not asked for."""
     if not check_values or torch.compiler.is_compiling():
         return False
     flat = index.reshape(-1)
     if flat.numel() == 0:
-        return True
-    if flat.numel() > 1:
+        return want_order
+    lo, hi = torch.aminmax(flat)
+    stats = [lo.long(), hi.long()]
+    if want_order and flat.numel() > 1:
         rises = flat[1:] >= flat[:-1]
         if segment_starts is not None and segment_starts.numel():
             starts = segment_starts.to(device=flat.device, dtype=torch.int64)
             starts = starts[(starts > 0) & (starts < flat.numel())]
             rises[starts - 1] = True
-        ordered = rises.all()
-    else:
-        ordered = torch.ones((), dtype=torch.bool, device=flat.device)
-    lo, hi, in_order = torch.stack([flat.min().long(), flat.max().long(), ordered.long()]).tolist()
-    if lo < 0:
-        raise ValueError(f"{name}: negative index {lo}")
-    if hi >= upper:
-        raise ValueError(f"{name}: index {hi} out of range for size {upper}")
-    return bool(in_order)
+        stats.append(rises.all().long())
+    values = torch.stack(stats).tolist()
+    if values[0] < 0:
+        raise ValueError(f"{name}: negative index {values[0]}")
+    if values[1] >= upper:
+        raise ValueError(f"{name}: index {values[1]} out of range for size {upper}")
+    return want_order and (len(values) == 2 or bool(values[2]))
 
 
 def check_eps(eps: object, name: str = "eps") -> float:

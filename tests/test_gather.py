@@ -79,8 +79,10 @@ def test_forward_backward_against_reference(backend, dtype, packed, shared, seed
     gen = torch.Generator().manual_seed(seed)
     atol, rtol = TOLERANCES[dtype]
     gatol, grtol = GRAD_TOL[dtype]
-    for extras in EXTRAS:
-        x, index, cu, pos, bias, norm = make_case(gen, dtype, packed=packed, shared=shared, extras=extras)
+    for i, extras in enumerate(EXTRAS):
+        # Sorted indices (the sampler's) take the Triton backward's no-sort path; unsorted ones the sort.
+        x, index, cu, pos, bias, norm = make_case(gen, dtype, packed=packed, shared=shared, extras=extras,
+                                                  sort=i % 2 == 0)
         leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, pos, bias)]
         out = iwm_kernels.gather_tokens(leaves[0], index, cu, pos=leaves[1], bias=leaves[2], normalize=norm,
                                         backend=backend)
@@ -451,6 +453,17 @@ def test_apply_masks_errors(case, match):
         x = x[0]
     with pytest.raises((ValueError, TypeError), match=match):
         iwm_kernels.apply_masks(x, masks)
+
+
+def test_check_index_values_reports_order():
+    from iwm_kernels._validate import check_index_values
+    idx = torch.tensor([0, 2, 2, 1, 3, 0])
+    assert not check_index_values(idx, "i", 4)
+    assert check_index_values(idx, "i", 4, segment_starts=torch.tensor([0, 3, 5, 6]))
+    assert not check_index_values(idx, "i", 4, segment_starts=torch.tensor([3]))
+    assert not check_index_values(idx, "i", 4, segment_starts=torch.tensor([0, 3, 5]), want_order=False)
+    with pytest.raises(ValueError, match="i: index 3 out of range for size 3"):
+        check_index_values(idx, "i", 3, want_order=False)
 
 
 def test_native_backend_has_no_cuda_path():

@@ -70,16 +70,19 @@ def _check_args(x, index, cu_seqlens, pos, bias, normalize) -> int:
     return num_seqs
 
 
-def _check_values(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[torch.Tensor]) -> bool:
-    """Offsets and index range (host round trips; skipped while tracing). Returns whether the
-    destination keys of dx (sample * N + token, or token for a shared x) never decrease."""
+def _check_values(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+                  want_order: bool = False) -> bool:
+    """Offsets and index range (host round trips; skipped while tracing). With `want_order`, also
+    returns whether the destination keys of dx (sample * N + token, or token for a shared x) never
+    decrease (the Triton backward then skips its sort)."""
     shared = x.shape[0] == 1
     if index.dim() == 1:
         check_cu_seqlens(cu_seqlens, "cu_seqlens", index.numel(), num_seqs=cu_seqlens.numel() - 1)
-        starts = None if shared else cu_seqlens[1:-1]
-    else:
-        starts = None if shared else torch.arange(1, index.shape[0], device=index.device) * index.shape[1]
-    return check_index_values(index, "index", x.shape[1], segment_starts=starts)
+    starts = None
+    if want_order and not shared:
+        starts = (cu_seqlens[1:-1] if index.dim() == 1
+                  else torch.arange(1, index.shape[0], device=index.device) * index.shape[1])
+    return check_index_values(index, "index", x.shape[1], segment_starts=starts, want_order=want_order)
 
 
 # ---- backends ---------------------------------------------------------------------------------------
@@ -246,7 +249,11 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[tor
     _check_args(x, index, cu_seqlens, pos, bias, normalize)
     eps = check_eps(eps)
     chosen = resolve_backend(backend, x.device, "gather_tokens", native_devices=_NATIVE_DEVICES)
-    index_sorted = False if torch.compiler.is_compiling() else _check_values(x, index, cu_seqlens)
+    if torch.compiler.is_compiling():
+        index_sorted = False
+    else:  # the order matters only to the Triton backward
+        wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, pos, bias))
+        index_sorted = _check_values(x, index, cu_seqlens, want_order=wants_grad and chosen == "triton")
     return _gather(x, index, cu_seqlens, pos, bias, normalize, eps, chosen, index_sorted)
 
 
@@ -277,14 +284,15 @@ def apply_masks(x: torch.Tensor, masks: Sequence[torch.Tensor], *, backend: Opti
     wide = batch * n >= 2**31 or any(m.dtype == torch.int64 for m in masks)
     stacked = torch.stack([m.to(torch.int64) if wide else m for m in masks])  # [M, B, K]
     if len(masks) == 1:
-        rows = torch.arange(1, batch, device=x.device) * k
-        in_order = check_index_values(stacked[0], "masks[0]", n, segment_starts=rows)
+        want_order = chosen == "triton" and torch.is_grad_enabled() and x.requires_grad
+        rows = torch.arange(1, batch, device=x.device) * k if want_order else None
+        in_order = check_index_values(stacked[0], "masks[0]", n, segment_starts=rows, want_order=want_order)
     else:
         try:
-            check_index_values(stacked, "masks", n)
+            check_index_values(stacked, "masks", n, want_order=False)
         except ValueError:
             for j, m in enumerate(masks):  # say which one
-                check_index_values(m, f"masks[{j}]", n)
+                check_index_values(m, f"masks[{j}]", n, want_order=False)
             raise
         in_order = False
     shift = torch.arange(batch, device=x.device, dtype=stacked.dtype) * n
