@@ -38,16 +38,17 @@ _ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 def _row_sample(rows, cu_ptr, row_len, num_seqs, RECT: tl.constexpr, SEARCH_STEPS: tl.constexpr):
     """Sample of each row: row // row_len, or the largest s with cu[s] <= row (binary search)."""
     if RECT:
-        return rows // row_len
-    lo = tl.zeros_like(rows)
-    hi = tl.zeros_like(rows) + num_seqs
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi) // 2
-        start = tl.load(cu_ptr + mid).to(tl.int64)
-        right = start <= rows
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    return lo
+        sample = rows // row_len
+    else:
+        sample = tl.zeros_like(rows)  # invariant: cu[sample] <= row < cu[hi]
+        hi = tl.zeros_like(rows) + num_seqs
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (sample + hi) // 2
+            start = tl.load(cu_ptr + mid).to(tl.int64)
+            right = start <= rows
+            sample = tl.where(right, mid, sample)
+            hi = tl.where(right, hi, mid)
+    return sample
 
 
 @triton.jit
