@@ -6,10 +6,11 @@
 // (a gather) was bound by page faults, not by memory bandwidth. The CUDA caching allocator solves the
 // same problem on the GPU; PyTorch's default CPU allocator does not cache.
 //
-// What: outputs of at least kPoolMinBytes are carved from blocks that go back to this pool when their
+// What: outputs of at least kPoolMinBytes (32 MB) are carved from blocks that go back to this pool when their
 // tensor dies, and are handed out again to the next request of about the same size (block sizes are
 // rounded up to 2 MB, and a cached block is reused for any request it covers with at most 1/8 waste).
-// New blocks are mmap'ed with MADV_HUGEPAGE where Linux allows it. The pool keeps at most `limit`
+// New blocks are plain mmap'ed memory (MADV_HUGEPAGE was tried: with the common `defrag=madvise`
+// setting the first touch then waits for memory compaction, which made misses slower). The pool keeps at most `limit`
 // bytes of free blocks (IWM_KERNELS_CPU_POOL_MB, default 1024; 0 disables it); beyond that, freed
 // blocks go back to the OS. Only our ops' outputs live here; nothing else in the process is affected.
 #pragma once
@@ -30,7 +31,10 @@
 
 namespace iwm {
 
-constexpr size_t kPoolMinBytes = size_t{1} << 20;  // below 1 MB the default allocator is fine
+// glibc serves requests below its largest mmap threshold (32 MB on 64-bit) from its heap once a block
+// of that size was freed, reusing recently touched (cache-warm) memory, which measured faster than a
+// cold pooled block; from 32 MB up it maps fresh pages on every request, which the pool avoids.
+constexpr size_t kPoolMinBytes = size_t{32} << 20;
 constexpr size_t kPoolGranule = size_t{2} << 20;   // 2 MB: one huge page
 
 class OutputPool final : public c10::Allocator {
@@ -113,9 +117,6 @@ class OutputPool final : public c10::Allocator {
 #if defined(__linux__)
     void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     TORCH_CHECK(p != MAP_FAILED, "iwm output pool: out of memory allocating ", size, " bytes");
-#ifdef MADV_HUGEPAGE
-    madvise(p, size, MADV_HUGEPAGE);  // advisory: fewer, larger first-touch faults where THP is allowed
-#endif
     return p;
 #else
     void* p = std::aligned_alloc(64, size);

@@ -13,8 +13,10 @@ Cases, per ViT shape and batch (masks from iwm.masks with I-JEPA's settings, gri
 - mask sampler: I-JEPA's per-sample collator (a port, benchmarks/ijepa_collator.py) against ours, at
   batch 256 on the 14x14 grid (and 16x16 for ViT-H/14); always timed on the CPU, where it runs.
 
-On the CPU the native op's outputs come from its output pool (csrc/cpu_output_pool.h); a second row
-times it with the pool off, so the kernel and the allocator effects can be told apart.
+On the CPU the native op's outputs of 32 MB and more come from its output pool (csrc/cpu_output_pool.h);
+the fused case also times it with the pool off, so the kernel and the allocator effects can be told
+apart. `python -m benchmarks.suites.gather [--threads 1]` prints the CPU headline ratios, timed
+interleaved and best-of-rounds, which a busy shared machine disturbs least.
 """
 from __future__ import annotations
 
@@ -188,9 +190,6 @@ def _gather_config(device, quick, progress, ours, vit, batch, dtype, threads) ->
         time_case(f"ours gather_tokens ({backend})", run, why, check=_close(want, 0.0))
         run_am = (lambda b=backend: iwm_kernels.apply_masks(x, masks_enc, backend=b)) if not why else None
         time_case(f"ours apply_masks ({backend})", run_am, why, check=_close(want, 0.0))
-        if backend == "native" and not why:
-            time_case("ours gather_tokens (native, output pool off)", _pool_off(run),
-                      note="every output is a fresh allocation, as for the baselines")
 
     # 2. context gather, ragged (packed, nothing truncated)
     total = masks.context_index.numel()
@@ -225,6 +224,9 @@ def _gather_config(device, quick, progress, ours, vit, batch, dtype, threads) ->
         run = (lambda b=backend: iwm_kernels.gather_tokens(x, masks.target_index, cu, pos=pos, bias=bias,
                                                            normalize=True, backend=b)) if not why else None
         time_case(f"ours gather_tokens fused ({backend})", run, why, check=_close(want, tol * 4))
+        if backend == "native" and not why and total * dim * es >= 32 << 20:
+            time_case("ours gather_tokens fused (native, output pool off)", _pool_off(run),
+                      note="outputs of 32 MB and more page-fault on every call without the pool")
 
     # 4. forward + backward of the context gather
     if (vit == "vit_base" or not quick) and not threads:
@@ -268,3 +270,64 @@ def sampler_cases(quick: bool, progress: Callable[[str], None]) -> list[Row]:
 
 def run(device: torch.device, quick: bool, progress: Callable[[str], None] = print) -> list[Row]:
     return gather_cases(device, quick, progress) + sampler_cases(quick, progress)
+
+
+def headline(rounds: int = 15, threads: Optional[int] = None) -> dict[str, float]:
+    """The three CPU targets of the gather issue, timed interleaved (each round runs every
+    implementation once) and reported as best-of-rounds, which a busy shared machine disturbs least:
+    gather vs I-JEPA apply_masks (ViT-B/16, batch 128), fused gather+pos+bias+norm vs its eager
+    sequence, and the sampler vs I-JEPA's collator (batch 256, 14x14)."""
+    import time
+
+    cfg = VITS["vit_base"]
+    masks = MultiBlockMaskSampler(cfg.grid, context_mode="block", seed=0).sample(128, 0)
+    masks_enc, _ = masks.to_ijepa()
+    enc32 = masks_enc[0].to(torch.int32)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, cfg.num_patches, cfg.dim, generator=gen)
+    pos = torch.randn(cfg.num_patches, cfg.dim, generator=gen)
+    bias = torch.randn(128, cfg.dim, generator=gen)
+    cu = masks.target_cu_per_sample
+    rows = torch.repeat_interleave(torch.arange(128), (cu[1:] - cu[:-1]).long())
+    tokens = masks.target_index.long()
+    flat = (masks_enc[0] + torch.arange(128)[:, None] * cfg.num_patches).reshape(-1)
+    x_flat = x.reshape(-1, cfg.dim)
+    collator, sampler = IJEPAMaskCollator(14), MultiBlockMaskSampler(14, context_mode="block")
+    steps = iter(range(10**9))
+    fns = {
+        "apply_masks": lambda: ijepa_apply_masks(x, masks_enc),
+        "index_select": lambda: x_flat.index_select(0, flat),
+        "ours": lambda: iwm_kernels.gather_tokens(x, enc32, backend="native"),
+        "eager_fused": lambda: eager_sequence(x, rows, tokens, pos, bias),
+        "ours_fused": lambda: iwm_kernels.gather_tokens(x, masks.target_index, cu, pos=pos, bias=bias,
+                                                        normalize=True, backend="native"),
+        "collator": lambda: collator.sample(256, next(steps)),
+        "sampler": lambda: sampler.sample(256, next(steps)),
+    }
+    best = {k: float("inf") for k in fns}
+    with _threads(threads):
+        for fn in fns.values():
+            fn()
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+    ratios = {"gather vs apply_masks": best["apply_masks"] / best["ours"],
+              "index_select vs apply_masks": best["apply_masks"] / best["index_select"],
+              "fused vs eager sequence": best["eager_fused"] / best["ours_fused"],
+              "sampler vs I-JEPA collator": best["collator"] / best["sampler"]}
+    return {**{f"{k} ms": v for k, v in best.items()}, **ratios}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.suites.gather",
+                                     description="CPU headline ratios of the gather issue (best of interleaved rounds)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+    print(f"threads: {args.threads or torch.get_num_threads()}")
+    for key, value in headline(args.rounds, args.threads).items():
+        print(f"{key:36s} {value:9.2f}{'' if key.endswith('ms') else '×'}")
