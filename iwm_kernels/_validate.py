@@ -133,3 +133,18 @@ def check_eps(eps: object, name: str = "eps") -> float:
     if not (math.isfinite(value) and value > 0.0):
         raise ValueError(f"{name}: must be finite and > 0, got {value}")
     return value
+
+
+def clamp_index(index: torch.Tensor, upper: int) -> torch.Tensor:
+    """Index values forced into [0, upper): what an op runs on when its caller skipped the value checks
+    (no host round trip; wrong values give wrong rows, never an out-of-bounds access)."""
+    return index.clamp(0, max(upper - 1, 0))
+
+
+def clamp_cu_seqlens(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """Offsets forced to start at 0, never decrease and end at `total`, without reading them."""
+    safe = torch.cummax(cu.clamp(0, total), 0).values
+    bounds = torch.zeros_like(safe)
+    bounds[-1] = total
+    safe = torch.maximum(safe, bounds)
+    return torch.cat([torch.zeros_like(safe[:1]), safe[1:]])

@@ -257,6 +257,37 @@ def test_apply_masks_int32_and_ijepa_collated_masks(seed):
         assert torch.equal(iwm_kernels.apply_masks(x, masks), ijepa_apply_masks(x, [m.long() for m in masks]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_values_are_clamped_not_read_out_of_bounds(backend, seed):
+    """check_values=False: no host round trip; bad values are clamped on the device (wrong rows, never
+    an out-of-bounds access)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 8, generator=gen, requires_grad=True)
+    bias = torch.randn(3, 8, generator=gen, requires_grad=True)
+    index = torch.tensor([0, -7, 4, 99, 2, 1])
+    cu = torch.tensor([3, 9, 1, 40])
+    out = iwm_kernels.gather_tokens(x, index, cu, bias=bias, normalize=True, backend=backend, check_values=False)
+    safe_index, safe_cu = torch.tensor([0, 0, 4, 4, 2, 1]), torch.tensor([0, 6, 6, 6])
+    torch.testing.assert_close(out, reference.gather_tokens(x, safe_index, safe_cu, bias=bias, normalize=True),
+                               atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(bias.grad).all()
+    masks = [torch.tensor([[0, 9], [-1, 2], [4, 4]])]
+    got = iwm_kernels.apply_masks(x.detach(), masks, backend=backend, check_values=False)
+    assert torch.equal(got, ijepa_apply_masks(x.detach(), [torch.tensor([[0, 4], [0, 2], [4, 4]])]))
+
+
+def test_unchecked_under_torch_compile(seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, index, cu, pos, bias, _ = make_case(gen, torch.float32, packed=True, shared=False, extras="pos")
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def fn(x):
+        return iwm_kernels.gather_tokens(x, index, cu, pos=pos, check_values=False)
+
+    torch.testing.assert_close(fn(x), reference.gather_tokens(x, index, cu, pos=pos))
+
+
 # ---- memory and the output pool ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -371,6 +402,8 @@ def _args():
     ("eps", "eps: must be finite and > 0"),
     ("normalize", "normalize: expected a bool"),
     ("rect_batch", "x: batch 3 must be 1"),
+    ("no_sequences", "cu_seqlens: holds no sequence"),
+    ("check_values", "check_values: expected a bool"),
 ])
 def test_errors_name_the_argument(backend, case, match):
     a = _args()
@@ -419,6 +452,10 @@ def test_errors_name_the_argument(backend, case, match):
         kw["normalize"] = 1
     elif case == "rect_batch":
         a["index"], a["cu_seqlens"] = torch.zeros(2, 2, dtype=torch.int64), None
+    elif case == "no_sequences":
+        a["x"], a["cu_seqlens"] = torch.randn(1, 5, 4), torch.zeros(1, dtype=torch.int64)
+    elif case == "check_values":
+        kw["check_values"] = "no"
     with pytest.raises((ValueError, TypeError), match=match):
         iwm_kernels.gather_tokens(a["x"], a["index"], a["cu_seqlens"], backend=backend, **kw)
 

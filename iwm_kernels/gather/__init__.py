@@ -9,7 +9,10 @@ Public entries:
 Eager calls go through a `torch.autograd.Function` (a few microseconds); inside `torch.compile` the
 same work runs as the custom ops `iwm::gather_tokens` / `iwm::gather_tokens_backward` (with fake
 implementations, so the compiled graph has no break). Index values and offsets are checked before
-anything runs (one host round trip), also inside the compiled op, so no kernel reads out of bounds.
+anything runs (one host round trip, a device sync on CUDA), also inside the compiled op, so no kernel
+reads out of bounds. `check_values=False` skips that round trip for inputs the caller vouches for (a
+MaskBatch from iwm.masks): the values are then clamped into range on the device instead, so a wrong
+value gives a wrong row, still never an out-of-bounds access.
 
 Backward memory: without `normalize`, the gradient needs only the shapes of x, pos and bias, so the
 backward keeps zero-stride stand-ins instead of the tensors (like torch.gather, which keeps only its
@@ -24,7 +27,7 @@ import torch
 
 from .._backend import resolve_backend
 from .._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_cu_seqlens, check_eps, check_index_values,
-                         check_tensor)
+                         check_tensor, clamp_cu_seqlens, clamp_index)
 from . import reference
 
 __all__ = ["gather_tokens", "apply_masks", "run_forward", "run_backward"]
@@ -48,6 +51,8 @@ def _check_args(x, index, cu_seqlens, pos, bias, normalize) -> int:
         if cu_seqlens.numel() < 1:
             raise ValueError("cu_seqlens: needs at least one entry (offsets [0, ..., total])")
         num_seqs = cu_seqlens.numel() - 1
+        if num_seqs == 0 and index.numel():
+            raise ValueError(f"cu_seqlens: holds no sequence, but index has {index.numel()} entries")
     else:
         if cu_seqlens is not None:
             raise ValueError("cu_seqlens: must be None with a rectangular [B, K] index "
@@ -68,6 +73,14 @@ def _check_args(x, index, cu_seqlens, pos, bias, normalize) -> int:
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
     return num_seqs
+
+
+def _clamp_values(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
+    """The unchecked path: index and offsets forced into range on the device (no host round trip)."""
+    index = clamp_index(index, x.shape[1])
+    if cu_seqlens is not None:
+        cu_seqlens = clamp_cu_seqlens(cu_seqlens, index.numel())
+    return index, cu_seqlens
 
 
 def _check_values(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
@@ -169,13 +182,14 @@ class _GatherTokens(torch.autograd.Function):
 @torch.library.custom_op("iwm::gather_tokens", mutates_args=(), device_types=None)
 def _gather_tokens_op(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
                       pos: Optional[torch.Tensor], bias: Optional[torch.Tensor], normalize: bool, eps: float,
-                      backend: str) -> torch.Tensor:
-    _check_values(x, index, cu_seqlens)  # the traced caller could not read the values; this runs on real ones
+                      backend: str, check_values: bool) -> torch.Tensor:
+    if check_values:
+        _check_values(x, index, cu_seqlens)  # the traced caller could not read the values; these are real
     return run_forward(backend, x, index, cu_seqlens, pos, bias, normalize, eps)
 
 
 @_gather_tokens_op.register_fake
-def _(x, index, cu_seqlens, pos, bias, normalize, eps, backend):
+def _(x, index, cu_seqlens, pos, bias, normalize, eps, backend, check_values):
     return x.new_empty(*index.shape, x.shape[-1])
 
 
@@ -201,7 +215,7 @@ def _(grad_out, x, index, cu_seqlens, pos, bias, normalize, eps, backend, need_x
 
 
 def _op_setup_context(ctx, inputs, output):
-    x, index, cu_seqlens, pos, bias, normalize, eps, backend = inputs
+    x, index, cu_seqlens, pos, bias, normalize, eps, backend, _ = inputs
     ctx.save_for_backward(*_kept_for_backward(x, pos, bias, normalize), index, cu_seqlens)
     ctx.config = (normalize, eps, backend)
 
@@ -213,7 +227,7 @@ def _op_backward(ctx, grad_out):
     dx, dpos, dbias = torch.ops.iwm.gather_tokens_backward(grad_out.contiguous(), x, index, cu_seqlens, pos, bias,
                                                            normalize, eps, backend, need_x, need_pos, need_bias)
     return (dx if need_x else None, None, None, dpos if need_pos else None, dbias if need_bias else None,
-            None, None, None)
+            None, None, None, None)
 
 
 _gather_tokens_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -221,9 +235,9 @@ _gather_tokens_op.register_autograd(_op_backward, setup_context=_op_setup_contex
 
 # ---- public API -------------------------------------------------------------------------------------
 
-def _gather(x, index, cu_seqlens, pos, bias, normalize, eps, backend, index_sorted):
+def _gather(x, index, cu_seqlens, pos, bias, normalize, eps, backend, index_sorted, check_values=True):
     if torch.compiler.is_compiling():
-        return _gather_tokens_op(x, index, cu_seqlens, pos, bias, normalize, eps, backend)
+        return _gather_tokens_op(x, index, cu_seqlens, pos, bias, normalize, eps, backend, check_values)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, pos, bias))
     if not wants_grad:
         return run_forward(backend, x, index, cu_seqlens, pos, bias, normalize, eps)
@@ -232,7 +246,8 @@ def _gather(x, index, cu_seqlens, pos, bias, normalize, eps, backend, index_sort
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, *,
                   pos: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-                  normalize: bool = False, eps: float = 1e-5, backend: Optional[str] = None) -> torch.Tensor:
+                  normalize: bool = False, eps: float = 1e-5, backend: Optional[str] = None,
+                  check_values: bool = True) -> torch.Tensor:
     """Gather the selected tokens of each sample, fused with a positional embedding, a per-sample bias
     and a layer norm.
 
@@ -243,24 +258,32 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[tor
         Both may be in another float dtype than x; the sum is fp32 (fp64 for fp64 x).
     normalize: apply a no-affine layer norm to each selected row (eps as in F.layer_norm, default
         1e-5), which computes I-JEPA's targets without normalising tokens that are thrown away.
+    check_values: read index and cu_seqlens to check them (one host round trip, a device sync on
+        CUDA). False skips that for values the caller vouches for (e.g. a MaskBatch): they are clamped
+        into range on the device instead, so wrong values give wrong rows, never an out-of-bounds access.
     Returns [T, D] (packed) or [B, K, D], in x's dtype. Gradients flow to x, pos and bias; repeated
     indices sum.
     """
     _check_args(x, index, cu_seqlens, pos, bias, normalize)
     eps = check_eps(eps)
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
     chosen = resolve_backend(backend, x.device, "gather_tokens", native_devices=_NATIVE_DEVICES)
-    if torch.compiler.is_compiling():
-        index_sorted = False
-    else:  # the order matters only to the Triton backward
+    index_sorted = False
+    if not check_values:
+        index, cu_seqlens = _clamp_values(x, index, cu_seqlens)
+    elif not torch.compiler.is_compiling():  # (while tracing, the op checks the values when it runs)
         wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, pos, bias))
+        # The order matters only to the Triton backward, which skips a sort when the keys are sorted.
         index_sorted = _check_values(x, index, cu_seqlens, want_order=wants_grad and chosen == "triton")
-    return _gather(x, index, cu_seqlens, pos, bias, normalize, eps, chosen, index_sorted)
+    return _gather(x, index, cu_seqlens, pos, bias, normalize, eps, chosen, index_sorted, check_values)
 
 
-def apply_masks(x: torch.Tensor, masks: Sequence[torch.Tensor], *, backend: Optional[str] = None) -> torch.Tensor:
+def apply_masks(x: torch.Tensor, masks: Sequence[torch.Tensor], *, backend: Optional[str] = None,
+                check_values: bool = True) -> torch.Tensor:
     """Drop-in for I-JEPA's `apply_masks(x, masks)`: x [B, N, D] gathered with each [B, K] index tensor
     of `masks`, concatenated along the batch dimension ([len(masks) * B, K, D]); same values and
-    gradients, one kernel launch for all masks."""
+    gradients, one kernel launch for all masks. check_values: as for gather_tokens."""
     check_tensor(x, "x", dtypes=FLOAT_DTYPES, ndim=3)
     if isinstance(masks, torch.Tensor) or not isinstance(masks, (list, tuple)):
         raise TypeError(f"masks: expected a list of [B, K] index tensors, got {type(masks).__name__}")
@@ -274,16 +297,22 @@ def apply_masks(x: torch.Tensor, masks: Sequence[torch.Tensor], *, backend: Opti
         if m.shape[1] != masks[0].shape[1]:
             raise ValueError(f"masks[{j}]: {m.shape[1]} indices per row, masks[0] has {masks[0].shape[1]} "
                              "(the results are concatenated, so every mask needs the same length)")
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
     chosen = resolve_backend(backend, x.device, "apply_masks", native_devices=_NATIVE_DEVICES)
+    if not check_values:
+        masks = [clamp_index(m, n) for m in masks]
     if torch.compiler.is_compiling():
         # One op per mask, each checked against N at run time inside the op.
-        outs = [_gather_tokens_op(x, m, None, None, None, False, 1e-5, chosen) for m in masks]
+        outs = [_gather_tokens_op(x, m, None, None, None, False, 1e-5, chosen, check_values) for m in masks]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
     # All masks at once: x as one shared sequence of B*N tokens, and mask j's row b shifted by b*N.
     k = masks[0].shape[1]
     wide = batch * n >= 2**31 or any(m.dtype == torch.int64 for m in masks)
     stacked = torch.stack([m.to(torch.int64) if wide else m for m in masks])  # [M, B, K]
-    if len(masks) == 1:
+    if not check_values:
+        in_order = False
+    elif len(masks) == 1:
         want_order = chosen == "triton" and torch.is_grad_enabled() and x.requires_grad
         rows = torch.arange(1, batch, device=x.device) * k if want_order else None
         in_order = check_index_values(stacked[0], "masks[0]", n, segment_starts=rows, want_order=want_order)
