@@ -34,6 +34,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from iwm_kernels._validate import INDEX_DTYPES, check_index_range, check_tensor
+
 Grid = tuple[int, int]
 _MASK64 = (1 << 64) - 1
 
@@ -200,12 +202,8 @@ class MaskBatch:
 
 
 def _check_ijepa_mask(m: object, name: str, n: int) -> None:
-    if not isinstance(m, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor, got {type(m).__name__}")
-    if m.dim() != 2 or m.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name}: expected a [B, K] int32/int64 tensor, got {m.dtype} of shape {tuple(m.shape)}")
-    if m.numel() and (int(m.min()) < 0 or int(m.max()) >= n):
-        raise ValueError(f"{name}: indices must lie in [0, {n}) for this grid")
+    check_tensor(m, name, dtypes=INDEX_DTYPES, ndim=2)
+    check_index_range(m, name, n)
 
 
 def _dense(index: torch.Tensor, cu: torch.Tensor, rows: int, n: int) -> torch.Tensor:

@@ -237,7 +237,7 @@ def test_sample_argument_errors():
         sampler.sample(4, 1.0)
     with pytest.raises(ValueError, match="masks_enc"):
         MaskBatch.from_ijepa([], [torch.zeros(2, 3, dtype=torch.int64)], 8)
-    with pytest.raises(ValueError, match=r"masks_pred\[0\]: indices"):
+    with pytest.raises(ValueError, match=r"masks_pred\[0\]: index 64 out of range"):
         MaskBatch.from_ijepa([torch.zeros(2, 3, dtype=torch.int64)], [torch.full((2, 3), 64)], 8)
 
 
