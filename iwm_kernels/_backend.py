@@ -113,14 +113,19 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
     return env
 
 
-def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> str:
+def resolve_backend(backend: Optional[str], device: torch.device, op: str,
+                    native_devices: tuple[str, ...] = ("cpu", "cuda")) -> str:
     """The backend that runs `op` on `device` tensors.
 
     Explicit choices that cannot run here raise (the user asked for something specific); the automatic
-    choice degrades to the reference with a one-time warning.
+    choice degrades to the reference with a one-time warning. `native_devices` lists the device types
+    the op has native code for (an op whose GPU path is Triton only passes ("cpu",)).
     """
     explicit = requested_backend(backend)
     if explicit is not None:
+        if explicit == "native" and device.type not in native_devices:
+            raise RuntimeError(f"{op}: backend 'native' cannot run here: {op} has no native code for "
+                               f"{device.type} tensors (use triton)")
         status = runs_on(explicit, device)
         if not status.available:
             raise RuntimeError(f"{op}: backend {explicit!r} cannot run here: {status.detail}")
@@ -131,7 +136,7 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: str) -> st
     status = runs_on(preferred, device)
     if status.available:
         return preferred
-    if device.type == "cuda":  # triton missing: the native CUDA op is the next best thing
+    if device.type == "cuda" and "cuda" in native_devices:  # triton missing: the native CUDA op is next best
         native = native_runs_on(device)
         if native.available:
             warn_once(f"fallback:{preferred}:{device.type}",

@@ -147,3 +147,55 @@ def check_segment_ids(segment_ids: object, name: str, cu_seqlens: torch.Tensor, 
         s, g = unique[(counts > 1).nonzero()[0, 0]].tolist()
         raise ValueError(f"{name}: segment {g} of sequence {s} is not contiguous (its tokens must be one run)")
     return segment_ids
+
+def check_index_values(index: torch.Tensor, name: str, upper: int, *,
+                       segment_starts: Optional[torch.Tensor] = None, check_values: bool = True,
+                       want_order: bool = True) -> bool:
+    """`check_index_range` plus order, in one host round trip: every entry in [0, upper), and (when
+    `want_order`) whether the flattened entries never decrease, except where a new segment starts
+    (positions listed in `segment_starts`, which may restart lower). Returns False when the values are
+    not read or the order was not asked for."""
+    if not check_values or torch.compiler.is_compiling():
+        return False
+    flat = index.reshape(-1)
+    if flat.numel() == 0:
+        return want_order
+    lo, hi = torch.aminmax(flat)
+    stats = [lo.long(), hi.long()]
+    if want_order and flat.numel() > 1:
+        rises = flat[1:] >= flat[:-1]
+        if segment_starts is not None and segment_starts.numel():
+            starts = segment_starts.to(device=flat.device, dtype=torch.int64)
+            starts = starts[(starts > 0) & (starts < flat.numel())]
+            rises[starts - 1] = True
+        stats.append(rises.all().long())
+    values = torch.stack(stats).tolist()
+    if values[0] < 0:
+        raise ValueError(f"{name}: negative index {values[0]}")
+    if values[1] >= upper:
+        raise ValueError(f"{name}: index {values[1]} out of range for size {upper}")
+    return want_order and (len(values) == 2 or bool(values[2]))
+
+
+def check_eps(eps: object, name: str = "eps") -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"{name}: expected a float, got {type(eps).__name__}")
+    value = float(eps)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"{name}: must be finite and > 0, got {value}")
+    return value
+
+
+def clamp_index(index: torch.Tensor, upper: int) -> torch.Tensor:
+    """Index values forced into [0, upper): what an op runs on when its caller skipped the value checks
+    (no host round trip; wrong values give wrong rows, never an out-of-bounds access)."""
+    return index.clamp(0, max(upper - 1, 0))
+
+
+def clamp_cu_seqlens(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """Offsets forced to start at 0, never decrease and end at `total`, without reading them."""
+    safe = torch.cummax(cu.clamp(0, total), 0).values
+    bounds = torch.zeros_like(safe)
+    bounds[-1] = total
+    safe = torch.maximum(safe, bounds)
+    return torch.cat([torch.zeros_like(safe[:1]), safe[1:]])
