@@ -144,6 +144,17 @@ class MaskBatch:
         """Pinned copy (DataLoader(pin_memory=True) calls this)."""
         return replace(self, **{n: getattr(self, n).pin_memory() for n in self._TENSORS})
 
+    def slice(self, start: int, stop: int) -> "MaskBatch":
+        """Samples [start, stop) with offsets rebased to 0: a rank's share of a global batch's masks."""
+        if not (0 <= start <= stop <= self.batch_size):
+            raise ValueError(f"start, stop: [{start}, {stop}) is not within the batch of {self.batch_size}")
+        m = self.num_targets
+        c0, c1 = int(self.context_cu[start]), int(self.context_cu[stop])
+        t0, t1 = int(self.target_cu[start * m]), int(self.target_cu[stop * m])
+        return replace(self, context_index=self.context_index[c0:c1], context_cu=self.context_cu[start:stop + 1] - c0,
+                       target_index=self.target_index[t0:t1], target_cu=self.target_cu[start * m:stop * m + 1] - t0,
+                       batch_size=stop - start)
+
     def dense_context(self) -> torch.Tensor:
         """[B, N] bool: True where a patch is in the sample's context."""
         return _dense(self.context_index, self.context_cu, self.batch_size, self.num_patches)
