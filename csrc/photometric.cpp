@@ -19,6 +19,12 @@
 #include <cstdint>
 #include <vector>
 
+// The per-pixel loops are written branch-free so that they vectorise. GCC if-converts a select only when
+// it may evaluate both sides, i.e. without trapping-math; dropping it changes no result (no fast-math).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 namespace {
 
 constexpr int64_t kNumParams = 8;  // brightness, contrast, saturation, hue, grayscale, sigma, solarise, threshold
@@ -27,7 +33,9 @@ constexpr int64_t kNumParams = 8;  // brightness, contrast, saturation, hue, gra
 constexpr float kInv255 = static_cast<float>(1.0 / 255.0);
 constexpr float kInv6 = static_cast<float>(1.0 / 6.0);
 
-inline float clamp01(float x) { return std::min(std::max(x, 0.0f), 1.0f); }
+inline float maxf(float a, float b) { return a > b ? a : b; }
+inline float minf(float a, float b) { return a < b ? a : b; }
+inline float clamp01(float x) { return minf(maxf(x, 0.0f), 1.0f); }
 inline float gray_of(float r, float g, float b) { return 0.299f * r + 0.587f * g + 0.114f * b; }
 
 template <typename In>
@@ -52,8 +60,8 @@ void hue_row(float* __restrict r, float* __restrict g, float* __restrict b, int6
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float rv = r[i], gv = g[i], bv = b[i];
-    const float maxc = std::max(std::max(rv, gv), bv);
-    const float minc = std::min(std::min(rv, gv), bv);
+    const float maxc = maxf(maxf(rv, gv), bv);
+    const float minc = minf(minf(rv, gv), bv);
     const bool eqc = maxc == minc;
     const float cr = maxc - minc;
     const float s = cr / (eqc ? 1.0f : maxc);
@@ -65,16 +73,28 @@ void hue_row(float* __restrict r, float* __restrict g, float* __restrict b, int6
     h = h + shift;
     h = h < 0.0f ? h + 1.0f : (h >= 1.0f ? h - 1.0f : h);  // (h + shift) mod 1
     const float h6 = h * 6.0f;
-    int sector = static_cast<int>(h6);  // h6 >= 0: truncation is floor
-    const float f = h6 - static_cast<float>(sector);
-    sector = sector >= 6 ? sector - 6 : sector;
+    const float floor6 = static_cast<float>(static_cast<int32_t>(h6));  // h6 >= 0: truncation is floor
+    const float f = h6 - floor6;
+    const float sector = floor6 >= 6.0f ? floor6 - 6.0f : floor6;
     const float p = clamp01(maxc * (1.0f - s));
     const float q = clamp01(maxc * (1.0f - s * f));
     const float t = clamp01(maxc * (1.0f - s * (1.0f - f)));
-    // (R, G, B) per sector 0..5: (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q)
-    r[i] = (sector == 0 || sector == 5) ? maxc : (sector == 1 ? q : (sector == 4 ? t : p));
-    g[i] = sector == 0 ? t : ((sector == 1 || sector == 2) ? maxc : (sector == 3 ? q : p));
-    b[i] = sector <= 1 ? p : (sector == 2 ? t : (sector == 5 ? q : maxc));
+    // (R, G, B) per sector 0..5: (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q); flat selects vectorise.
+    const bool s0 = sector == 0.0f, s1 = sector == 1.0f, s2 = sector == 2.0f, s3 = sector == 3.0f,
+               s4 = sector == 4.0f, s5 = sector == 5.0f;
+    float ro = p, go = p, bo = maxc;
+    ro = s4 ? t : ro;
+    ro = s1 ? q : ro;
+    ro = (s0 | s5) ? maxc : ro;
+    go = s3 ? q : go;
+    go = (s1 | s2) ? maxc : go;
+    go = s0 ? t : go;
+    bo = s5 ? q : bo;
+    bo = s2 ? t : bo;
+    bo = (s0 | s1) ? p : bo;
+    r[i] = ro;
+    g[i] = go;
+    b[i] = bo;
   }
 }
 

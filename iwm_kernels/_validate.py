@@ -105,7 +105,8 @@ def check_image_batch(images: object, name: str, *, channels: int = 3) -> torch.
     """A contiguous [B, C, H, W] image batch: uint8 (0..255) or float (taken as [0, 1]); H, W >= 1."""
     check_tensor(images, name, dtypes=IMAGE_DTYPES, ndim=4, contiguous=True)
     if images.shape[1] != channels:
-        raise ValueError(f"{name}: expected {channels} channels ([B, {channels}, H, W]), got shape {tuple(images.shape)}")
+        raise ValueError(f"{name}: expected {channels} channels ([B, {channels}, H, W]), "
+                         f"got shape {tuple(images.shape)}")
     if images.shape[2] < 1 or images.shape[3] < 1:
         raise ValueError(f"{name}: empty image (shape {tuple(images.shape)})")
     return images
@@ -143,7 +144,8 @@ def check_param_table(params: object, name: str, *, rows: int, columns: Sequence
     `device`: the table must be there or on the CPU."""
     check_tensor(params, name, dtypes=(torch.float32,), ndim=2, contiguous=True)
     if tuple(params.shape) != (rows, len(columns)):
-        raise ValueError(f"{name}: expected shape ({rows}, {len(columns)}) (one row per image), got {tuple(params.shape)}")
+        raise ValueError(f"{name}: expected shape ({rows}, {len(columns)}) (one row per image), "
+                         f"got {tuple(params.shape)}")
     if device is not None and params.device != device and params.device.type != "cpu":
         raise ValueError(f"{name}: on {params.device}, expected {device} (or CPU)")
     if check_values and params.device.type == "cpu" and params.numel() and not torch.compiler.is_compiling():

@@ -28,6 +28,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 # Column of each parameter in the packed [B, NUM_PARAMS] tensor, in chain order.
 PARAM_BRIGHTNESS = 0   # brightness factor (1 = identity)
@@ -177,15 +178,14 @@ def reflect_index(i: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _blur_along(x: torch.Tensor, taps: torch.Tensor, dim: int) -> torch.Tensor:
-    n = x.shape[dim]
-    radius = (taps.shape[1] - 1) // 2
-    pos = torch.arange(n, device=x.device)
-    out = torch.zeros_like(x)
-    for k in range(taps.shape[1]):
-        idx = reflect_index(pos + (k - radius), n)
-        shape = [-1] + [1] * (x.dim() - 1)
-        out += taps[:, k].reshape(shape) * x.index_select(dim, idx)
-    return out
+    """x [n, C, H, W], taps [n, K]: reflect-pad along dim (-1 or -2), then a per-image depthwise conv."""
+    n, c = x.shape[0], x.shape[1]
+    size, radius = x.shape[dim], (taps.shape[1] - 1) // 2
+    padded = x.index_select(dim, reflect_index(torch.arange(-radius, size + radius, device=x.device), size))
+    weight = taps.to(x.dtype).repeat_interleave(c, dim=0)
+    weight = weight.reshape(n * c, 1, 1, -1) if dim == -1 else weight.reshape(n * c, 1, -1, 1)
+    out = F.conv2d(padded.reshape(1, n * c, padded.shape[2], padded.shape[3]), weight, groups=n * c)
+    return out.reshape(x.shape)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
