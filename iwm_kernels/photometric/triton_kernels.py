@@ -4,8 +4,8 @@ Launches, for V views of B images of H x W pixels:
   _gray_partial_kernel   grid (B, chunks): per view, partial sums of gray(brightness(x)) per chunk
   _photometric_kernel    grid (B, chunks): read a chunk of RGB once, every view's chain, write each view
                          (or, for a blurred (view, image) pair, its pre-blur fp32 image to a scratch slot)
-  _blur_rows_kernel      grid (slots * 3 * H, col blocks): horizontal taps, scratch -> tmp
-  _blur_cols_kernel      grid (slots * 3 * H, col blocks): vertical taps, solarise, normalise -> output
+  _blur_rows_kernel      grid (tiles of the slots * 3 * H rows, col blocks): horizontal taps, scratch -> tmp
+  _blur_cols_kernel      grid (same tiles): vertical taps, solarise, normalise -> output
 The blur launches run only when some pair blurs. Arithmetic is fp32 throughout; offsets that can pass
 2^31 (image and output bases) are int64.
 """
@@ -165,47 +165,53 @@ def _photometric_kernel(img_ptr, params_ptr, partial_ptr, slot_ptr, out_ptr, scr
 
 
 @triton.jit
-def _blur_rows_kernel(src_ptr, dst_ptr, taps_ptr, H, W, K, BLOCK_W: tl.constexpr):
-    row = tl.program_id(0)  # slot * 3 * H + c * H + y
-    slot = row // (3 * H)
+def _blur_rows_kernel(src_ptr, dst_ptr, taps_ptr, n_rows, H, W, K, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    # A tile of BLOCK_R image rows (row = slot * 3 * H + c * H + y) x BLOCK_W columns.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < n_rows
+    rows = tl.where(rmask, rows, 0)
+    slot = rows // (3 * H)
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    cmask = cols < W
+    mask = rmask[:, None] & (cols < W)[None, :]
     radius = (K - 1) // 2
-    base = row.to(tl.int64) * W
-    acc = tl.zeros([BLOCK_W], dtype=tl.float32)
+    base = rows.to(tl.int64)[:, None] * W
+    acc = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
     for k in range(0, K):
-        w = tl.load(taps_ptr + slot * K + k)
+        w = tl.load(taps_ptr + slot * K + k, mask=rmask, other=0.0)
         idx = _reflect(cols + (k - radius), W)
-        acc += w * tl.load(src_ptr + base + idx, mask=cmask, other=0.0)
-    tl.store(dst_ptr + base + cols, acc, mask=cmask)
+        acc += w[:, None] * tl.load(src_ptr + base + idx[None, :], mask=mask, other=0.0)
+    tl.store(dst_ptr + base + cols[None, :], acc, mask=mask)
 
 
 @triton.jit
-def _blur_cols_kernel(src_ptr, out_ptr, taps_ptr, slot_row_ptr, params_ptr, H, W, K,
+def _blur_cols_kernel(src_ptr, out_ptr, taps_ptr, slot_row_ptr, params_ptr, n_rows, H, W, K,
                       mean0, mean1, mean2, std0, std1, std2,
-                      NP: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr):
-    row = tl.program_id(0)  # slot * 3 * H + c * H + y
-    slot = row // (3 * H)
-    c = (row // H) % 3
-    y = row % H
+                      NP: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # slot * 3 * H + c * H + y
+    rmask = rows < n_rows
+    rows = tl.where(rmask, rows, 0)
+    slot = rows // (3 * H)
+    c = (rows // H) % 3
+    y = rows % H
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    cmask = cols < W
+    mask = rmask[:, None] & (cols < W)[None, :]
     radius = (K - 1) // 2
     plane = (slot * 3 + c).to(tl.int64) * H * W
-    acc = tl.zeros([BLOCK_W], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
     for k in range(0, K):
-        w = tl.load(taps_ptr + slot * K + k)
+        w = tl.load(taps_ptr + slot * K + k, mask=rmask, other=0.0)
         yy = _reflect(y + (k - radius), H)
-        acc += w * tl.load(src_ptr + plane + yy.to(tl.int64) * W + cols, mask=cmask, other=0.0)
-    prow = tl.load(slot_row_ptr + slot)  # the (view, image) pair: v * B + b
-    solar = tl.load(params_ptr + prow * NP + 6)
-    thr = tl.load(params_ptr + prow * NP + 7)
-    thr = tl.where(solar != 0.0, thr, float("inf"))
-    x = tl.where(acc >= thr, 1.0 - acc, acc)
+        src = src_ptr + (plane + yy.to(tl.int64) * W)[:, None] + cols[None, :]
+        acc += w[:, None] * tl.load(src, mask=mask, other=0.0)
+    prow = tl.load(slot_row_ptr + slot, mask=rmask, other=0)  # the (view, image) pair: v * B + b
+    solar = tl.load(params_ptr + prow * NP + 6, mask=rmask, other=0.0)
+    thr = tl.load(params_ptr + prow * NP + 7, mask=rmask, other=0.0)
+    thr = tl.where(solar != 0.0, thr, float("inf"))  # no solarise: nothing reaches the threshold
+    x = tl.where(acc >= thr[:, None], 1.0 - acc, acc)
     m = tl.where(c == 0, mean0, tl.where(c == 1, mean1, mean2))
     s = tl.where(c == 0, std0, tl.where(c == 1, std1, std2))
-    out = out_ptr + (prow * 3 + c).to(tl.int64) * H * W + y.to(tl.int64) * W + cols
-    tl.store(out, ((x - m) / s).to(OUT_DTYPE), mask=cmask)
+    out = out_ptr + ((prow * 3 + c).to(tl.int64) * H * W + y.to(tl.int64) * W)[:, None] + cols[None, :]
+    tl.store(out, ((x - m[:, None]) / s[:, None]).to(OUT_DTYPE), mask=mask)
 
 
 def photometric_views(images: torch.Tensor, params: torch.Tensor, plan, mean: Sequence[float],
@@ -240,9 +246,11 @@ def photometric_views(images: torch.Tensor, params: torch.Tensor, plan, mean: Se
         K = int(taps.shape[1])
         tmp = torch.empty_like(scratch)
         block_w = min(256, triton.next_power_of_2(W)) if device.type == "cuda" else 16
-        grid = (nb * 3 * H, triton.cdiv(W, block_w))
-        _blur_rows_kernel[grid](scratch, tmp, taps, H, W, K, BLOCK_W=block_w, num_warps=4)
-        _blur_cols_kernel[grid](tmp, out, taps, plan.slot_row.to(device), params, H, W, K,
+        block_r = max(1, 1024 // block_w) if device.type == "cuda" else 8
+        n_rows = nb * 3 * H
+        grid = (triton.cdiv(n_rows, block_r), triton.cdiv(W, block_w))
+        _blur_rows_kernel[grid](scratch, tmp, taps, n_rows, H, W, K, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=4)
+        _blur_cols_kernel[grid](tmp, out, taps, plan.slot_row.to(device), params, n_rows, H, W, K,
                                 m0, m1, m2, s0, s1, s2, NP=NUM_PARAMS, OUT_DTYPE=_TL_DTYPE[out_dtype],
-                                BLOCK_W=block_w, num_warps=4)
+                                BLOCK_R=block_r, BLOCK_W=block_w, num_warps=4)
     return out
