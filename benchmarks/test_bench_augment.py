@@ -24,6 +24,8 @@ def test_two_views(benchmark, impl):
     if fn is None:
         pytest.skip(why)
 
+    fn(images, table, cfg.mean, cfg.std, torch.float32)  # warm-up (and compile, for the compiled chain)
+
     def step():
         fn(images, table, cfg.mean, cfg.std, torch.float32)
         if DEVICE.type == "cuda":

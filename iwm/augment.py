@@ -89,7 +89,7 @@ class AugmentConfig:
             raise ValueError(f"hue: must be within [0, 0.5], got {self.hue!r}")
         self._check_pair("crop_scale", self.crop_scale, 0.0, 1.0, open_low=True)
         self._check_pair("crop_ratio", self.crop_ratio, 0.0, math.inf, open_low=True)
-        self._check_pair("blur_sigma", self.blur_sigma, 0.0, 256.0, open_low=True)
+        self._check_pair("blur_sigma", self.blur_sigma, 0.0, 256.0)
         if not (isinstance(self.solarize_threshold, (int, float)) and math.isfinite(self.solarize_threshold)):
             raise ValueError(f"solarize_threshold: must be a finite number, got {self.solarize_threshold!r}")
         for name in ("mean", "std"):

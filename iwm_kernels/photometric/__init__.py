@@ -38,7 +38,7 @@ import torch
 
 from .._backend import requested_backend, resolve_backend, warn_once
 from .._validate import (OUTPUT_DTYPES, check_channel_values, check_dtype_choice, check_image_batch,
-                         check_param_table)
+                         check_param_table, check_same_device)
 from . import reference
 from .reference import (IDENTITY_PARAMS, NUM_PARAMS, PARAM_BLUR_SIGMA, PARAM_BRIGHTNESS, PARAM_CONTRAST,
                         PARAM_GRAYSCALE, PARAM_HUE, PARAM_SATURATION, PARAM_SOLARIZE, PARAM_SOLARIZE_THRESHOLD,
@@ -141,6 +141,8 @@ def _views(images, tables, names, mean, std, out_dtype, backend) -> torch.Tensor
     batch = images.shape[0]
     for t, name in zip(tables, names):
         check_param_table(t, name, rows=batch, columns=PARAM_COLUMNS, device=images.device)
+    for t, name in zip(tables[1:], names[1:]):
+        check_same_device(name, t, names[0], tables[0])
     mean = check_channel_values(mean, "mean")
     std = check_channel_values(std, "std", positive=True)
     check_dtype_choice(out_dtype, "out_dtype", OUTPUT_DTYPES)
