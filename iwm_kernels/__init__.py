@@ -1,20 +1,23 @@
 """iwm_kernels: fused kernels for JEPA-style training (I-JEPA, IWM).
 
 Ops (each with reference, triton and native backends; see `available_backends()`):
-  ema_update_      target <- m * target + (1 - m) * online over every parameter, in one launch per dtype
-  gather_tokens    per-sample (ragged) token subsets, fused with + pos, + bias and a no-affine layer norm
-  apply_masks      drop-in for I-JEPA's apply_masks (list of [B, K] masks), on the gather kernels
-  varlen_attention softmax attention over packed variable-length sequences, with the predictor's
-                   shared-context segments (VarlenSelfAttention, pack_predictor_sequences build on it)
+  ema_update_           target <- m * target + (1 - m) * online over every parameter, in one launch per dtype
+  gather_tokens         per-sample (ragged) token subsets, fused with + pos, + bias and a no-affine layer norm
+  apply_masks           drop-in for I-JEPA's apply_masks (list of [B, K] masks), on the gather kernels
+  varlen_attention      softmax attention over packed variable-length sequences, with the predictor's
+                        shared-context segments (VarlenSelfAttention, pack_predictor_sequences build on it)
+  photometric           colour jitter, grayscale, blur, solarise and normalisation of an image batch, fused
+  photometric_two_view  the same for two views at once, from one read of the images
 """
 from ._backend import BACKENDS, Availability, available_backends
 from .attention import (PackedPredictorInput, VarlenSelfAttention, pack_predictor_sequences, unpack_targets,
                         varlen_attention)
 from .ema import ema_update_
 from .gather import apply_masks, gather_tokens
+from .photometric import photometric, photometric_two_view
 
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "Availability", "available_backends", "ema_update_", "gather_tokens", "apply_masks",
            "varlen_attention", "VarlenSelfAttention", "pack_predictor_sequences", "unpack_targets",
-           "PackedPredictorInput", "__version__"]
+           "PackedPredictorInput", "photometric", "photometric_two_view", "__version__"]

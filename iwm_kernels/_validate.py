@@ -199,3 +199,70 @@ def clamp_cu_seqlens(cu: torch.Tensor, total: int) -> torch.Tensor:
     bounds[-1] = total
     safe = torch.maximum(safe, bounds)
     return torch.cat([torch.zeros_like(safe[:1]), safe[1:]])
+
+IMAGE_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_image_batch(images: object, name: str, *, channels: int = 3) -> torch.Tensor:
+    """A contiguous [B, C, H, W] image batch: uint8 (0..255) or float (taken as [0, 1]); H, W >= 1."""
+    check_tensor(images, name, dtypes=IMAGE_DTYPES, ndim=4, contiguous=True)
+    if images.shape[1] != channels:
+        raise ValueError(f"{name}: expected {channels} channels ([B, {channels}, H, W]), "
+                         f"got shape {tuple(images.shape)}")
+    if images.shape[2] < 1 or images.shape[3] < 1:
+        raise ValueError(f"{name}: empty image (shape {tuple(images.shape)})")
+    return images
+
+
+def check_dtype_choice(dtype: object, name: str, allowed: Sequence[torch.dtype]) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or dtype not in allowed:
+        raise TypeError(f"{name}: expected one of {_dtype_names(allowed)}, got {dtype!r}")
+    return dtype
+
+
+def check_channel_values(values: object, name: str, channels: int = 3, *, positive: bool = False) -> list[float]:
+    """A sequence of `channels` finite floats (e.g. normalisation mean / std); positive if asked."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    try:
+        out = [float(v) for v in values]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected {channels} numbers, got {values!r}") from None
+    if len(out) != channels:
+        raise ValueError(f"{name}: expected {channels} numbers (one per channel), got {len(out)}")
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{name}: values must be finite, got {out}")
+    if positive and not all(v > 0 for v in out):
+        raise ValueError(f"{name}: values must be positive, got {out}")
+    return out
+
+
+def check_param_table(params: object, name: str, *, rows: int, columns: Sequence[tuple[str, float, float, bool]],
+                      device: Optional[torch.device] = None, check_values: bool = True) -> torch.Tensor:
+    """A contiguous float32 [rows, len(columns)] table of per-sample parameters.
+
+    columns: (label, low, high, is_flag) per column; values must be finite and within [low, high], flags
+    exactly 0 or 1. The values are read only for CPU tables (no device sync) and outside torch.compile.
+    `device`: the table must be there or on the CPU."""
+    check_tensor(params, name, dtypes=(torch.float32,), ndim=2, contiguous=True)
+    if tuple(params.shape) != (rows, len(columns)):
+        raise ValueError(f"{name}: expected shape ({rows}, {len(columns)}) (one row per image), "
+                         f"got {tuple(params.shape)}")
+    if device is not None and params.device != device and params.device.type != "cpu":
+        raise ValueError(f"{name}: on {params.device}, expected {device} (or CPU)")
+    if check_values and params.device.type == "cpu" and params.numel() and not torch.compiler.is_compiling():
+        finite = torch.isfinite(params)
+        if not bool(finite.all()):
+            r, c = (~finite).nonzero()[0].tolist()
+            raise ValueError(f"{name}: column {c} ({columns[c][0]}) is not finite in row {r}")
+        for c, (label, lo, hi, is_flag) in enumerate(columns):
+            col = params[:, c]
+            bad = (col < lo) | (col > hi)
+            if is_flag:
+                bad |= (col != 0) & (col != 1)
+            if bool(bad.any()):
+                r = int(bad.nonzero()[0])
+                want = "0 or 1" if is_flag else f"within [{lo}, {hi}]"
+                raise ValueError(f"{name}: column {c} ({label}) must be {want}, got {float(col[r])} in row {r}")
+    return params
