@@ -126,6 +126,7 @@ class EvalConfig:
     mrr_images: int = 32
     mrr_candidates: int = 256
     probe_epochs: int = 100
+    predictor_epochs: int = 5             # predictor finetuning epochs over the probe set
 
 
 @dataclass

@@ -109,10 +109,10 @@ def run_evaluations(model, cfg: Config, device: torch.device, folder: str | Path
         elif task == "predictor":
             tr_x, tr_y, va_x, va_y = probe
             res = finetune_predictor(model.target_encoder, model.predictor, tr_x, tr_y, va_x, va_y, normalize,
-                                     seed=seed, backend=backend)
+                                     epochs=cfg.eval.predictor_epochs, seed=seed, backend=backend)
             rnd = random_init()
             floor = finetune_predictor(model.target_encoder, rnd.predictor, tr_x, tr_y, va_x, va_y, normalize,
-                                       seed=seed, backend=backend)
+                                       epochs=cfg.eval.predictor_epochs, seed=seed, backend=backend)
             results.update(res.as_dict("predictor_"))
             results.update(floor.as_dict("predictor_random_init_"))
             log(f"eval: predictor finetune top-1 {res.top1:.3f} top-5 {res.top5:.3f} "
