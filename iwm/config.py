@@ -169,7 +169,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         return value
     if origin is typing.Union:  # Optional[X]
         args = [a for a in typing.get_args(typ) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], key)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(value, args[0], key)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -196,7 +198,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
     if typ is str:
         if value is None:
             return ""
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
     if typ is tuple:
@@ -292,7 +296,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if dotted.count(".") != 1:
         raise ConfigError(f"{dotted}: overrides look like section.key=value")
     section, key = dotted.split(".")
-    return section.strip(), key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    # The raw text is coerced by the key's declared type (so `progress_bar=off` stays a string).
+    return section.strip(), key.strip(), raw.strip()
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
