@@ -261,3 +261,31 @@ def test_presets():
     assert get_preset("iwm_equi_vitb16").pred_depth == 18 and get_preset("ijepa_vitb16").conditioning == "none"
     with pytest.raises(ValueError, match="preset: unknown preset"):
         get_preset("vit_giant")
+
+
+def test_iwm_step_under_torch_compile_matches_eager(seed):
+    """The compile option: the whole step traced through the custom ops (aot_eager keeps CI fast; the
+    benchmark suite times inductor)."""
+    model = tiny_iwm()
+    src, tgt, masks, action = batch_for(model, 3, seed)
+    loss, _ = model(src, tgt, masks, action)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    compiled_model = copy.deepcopy(model)
+    compiled_model.zero_grad(set_to_none=True)
+    loss_c, _ = torch.compile(compiled_model, backend="aot_eager")(src, tgt, masks, action)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c.detach(), loss.detach(), atol=1e-6, rtol=1e-5)
+    for n, p in compiled_model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+
+
+def test_bf16_autocast_step_is_close_to_fp32(seed):
+    model = tiny_iwm()
+    src, tgt, masks, action = batch_for(model, 3, seed)
+    loss32, _ = model(src, tgt, masks, action)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, _ = model(src, tgt, masks, action)
+    assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
+    assert abs(float(loss16) - float(loss32)) < 0.05 * float(loss32)
