@@ -376,6 +376,10 @@ class Trainer:
             self.log(f"skipped {self.skipped_images} unreadable image(s)")
         writer.close()
         if self.dist.is_main:
+            if self.step >= self.total_steps:
+                from .export import export_encoder_safetensors
+
+                export_encoder_safetensors(self.model.target_encoder, self.folder / "target_encoder.safetensors")
             plots = plot_run(self.folder)
             self.log(f"run folder {self.folder}: checkpoints, metrics.jsonl, {len(plots)} plot(s)")
         return summary
