@@ -90,6 +90,14 @@ def test_compiled_variant_is_skipped_when_the_budget_is_short(bench):
     finally:
         common.set_deadline(None)
     assert row.ms is None and "time budget" in row.note
+    common.set_deadline(-1.0)  # spent: the optional variants are skipped, the baseline and ours still run
+    try:
+        skipped = bench.run_variant(suite.VARIANTS[2], lambda msg: None)
+        ours = bench.run_variant(suite.VARIANTS[3], lambda msg: None)
+    finally:
+        common.set_deadline(None)
+    assert skipped.ms is None and "time budget" in skipped.note
+    assert ours.ms is not None
 
 
 def test_quick_cpu_skips_compile():
