@@ -7,12 +7,16 @@ a large matmul (bf16 on GPU, fp32 on CPU). Every row reports the fraction of the
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import signal
 import statistics
+import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -29,6 +33,7 @@ class Row:
     note: str = ""               # why an impl did not run, or anything unusual
     config: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # per-suite figures (img/s, peak memory, ...)
+    headline: bool = False        # this row's case is the suite's representative one (report headline)
 
     @property
     def gbps(self) -> Optional[float]:
@@ -114,26 +119,52 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def environment(device: torch.device) -> dict:
+def _version(module: str) -> Optional[str]:
+    """The module's version, or None (with the reason) when it does not import; never raises."""
     try:
-        import triton
+        mod = __import__(module)
+        return str(getattr(mod, "__version__", "?"))
+    except Exception as exc:
+        return f"not importable ({exc.__class__.__name__})"
 
-        triton_version = triton.__version__
+
+def _git_commit() -> Optional[str]:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else None
     except Exception:
-        triton_version = None
+        return None
+
+
+def environment(device: torch.device) -> dict:
     import iwm_kernels
 
-    return {
+    env = {
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": triton_version,
+        "triton": _version("triton"),
         "iwm": iwm_kernels.__version__,
+        "git_commit": _git_commit(),
         "python": platform.python_version(),
+        "numpy": _version("numpy"),
+        "xformers": _version("xformers"),
+        "flash_attn": _version("flash_attn"),
+        "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "backends": {k: v.detail for k, v in iwm_kernels.available_backends().items()},
     }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu_capability=f"{props.major}.{props.minor}", gpu_memory_gb=props.total_memory / 1e9,
+                   gpu_sms=props.multi_processor_count, cudnn=torch.backends.cudnn.version())
+    return env
 
 
 def try_compile(fn: Callable, **kwargs) -> tuple[Optional[Callable], str]:
@@ -142,3 +173,45 @@ def try_compile(fn: Callable, **kwargs) -> tuple[Optional[Callable], str]:
         return torch.compile(fn, **kwargs), ""
     except Exception as exc:  # pragma: no cover - depends on the install
         return None, f"torch.compile unavailable: {exc.__class__.__name__}: {exc}"
+
+
+# ---- time budget -------------------------------------------------------------------------------------
+# `python -m benchmarks.report --time-budget S` gives each suite a deadline; suites with optional,
+# expensive parts (torch.compile, extra configurations) ask time_left() before starting them.
+_deadline: Optional[float] = None
+
+
+def set_deadline(seconds_from_now: Optional[float]) -> None:
+    global _deadline
+    _deadline = None if seconds_from_now is None else time.monotonic() + seconds_from_now
+
+
+def time_left() -> float:
+    """Seconds until the current suite's deadline (infinite without a budget)."""
+    return float("inf") if _deadline is None else _deadline - time.monotonic()
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised by `time_limit` (a BaseException, so library code catching Exception cannot swallow it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: Optional[float], what: str) -> Iterator[None]:
+    """Raise TimeLimitExceeded in this thread when the block runs longer than `seconds` (SIGALRM; a
+    no-op off the main thread or without setitimer). Used to stop a torch.compile that takes too long."""
+    usable = (seconds is not None and seconds != float("inf") and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeLimitExceeded(f"{what} took longer than {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, max(float(seconds), 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -233,7 +233,10 @@ def _pairs_rep(layout) -> int:
 def run(device: torch.device, quick: bool, progress: Callable[[str], None] = print) -> list[Row]:
     rows: list[Row] = []
     budget = 0.3 if quick else 1.0
-    for shape, batch, dtype in configs(device, quick):
+    cases = configs(device, quick)
+    # Headline: forward+backward at the ViT-B predictor shape, the largest batch timed.
+    headline_case = ("pred384", max(b for s, b, _ in cases if s.name == "pred384"))
+    for shape, batch, dtype in cases:
         case = make_case(shape, batch, dtype, device)
         impls = implementations(case, device)
         rep_layout = prepare(case.repeated.cu_seqlens, None, case.repeated.num_tokens, case.repeated.max_seqlen)
@@ -284,7 +287,8 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
                                     note=f"failed: {exc.__class__.__name__}: {msg}"[:160]))
                     continue
                 note = "different semantics: context computed once (segments)" if mode == "shared" else ""
-                rows.append(Row(SUITE, label, name, ms, flops=flops, baseline=BASELINE, note=note, config=config))
+                rows.append(Row(SUITE, label, name, ms, flops=flops, baseline=BASELINE, note=note, config=config,
+                                headline=pass_name == "fwd+bwd" and (shape.name, batch) == headline_case))
                 del inputs, out
             if device.type == "cuda":
                 torch.cuda.empty_cache()

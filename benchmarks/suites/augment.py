@@ -129,7 +129,7 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
                 ms = _time_pil(images, table, cfg, budget)
                 rows.append(Row(SUITE, case, name, ms, nbytes, baseline=BASELINE, config=config,
                                 note=f"CPU, one process, measured on {min(PIL_IMAGES, b)} images and scaled",
-                                extra={"img/s": b / ms * 1e3}))
+                                extra={"img/s": b / ms * 1e3}, headline=n_case == 0))
                 progress(f"  PIL took {time.perf_counter() - t0:.1f}s")
                 continue
             if fn is not None and quick and n_case > 0 and "compile" in name:
@@ -153,6 +153,6 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
             bad = float(((got.float() - want).abs() > tol).float().mean())
             note = "" if bad < 1e-4 else f"MISMATCH vs reference: {bad:.2%} of pixels"
             rows.append(Row(SUITE, case, name, ms, nbytes, baseline=BASELINE, config=config, note=note,
-                            extra={"img/s": b / ms * 1e3}))
+                            extra={"img/s": b / ms * 1e3}, headline=n_case == 0))
         del images, want
     return rows

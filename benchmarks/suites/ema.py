@@ -76,7 +76,8 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
                 rows.append(Row(SUITE, case, name, None, nbytes, note=f"failed: {exc.__class__.__name__}: {exc}"[:200]))
                 continue
             rows.append(Row(SUITE, case, name, ms, nbytes, baseline="per-parameter loop (I-JEPA)",
-                            config={"vit": vit, "dtype": str(dtype), "numel": numel, "tensors": len(targets)}))
+                            config={"vit": vit, "dtype": str(dtype), "numel": numel, "tensors": len(targets)},
+                            headline=vit == "vit_base" and dtype == torch.float32))
         # One more correctness look on real shapes (cheap next to the timing): ours after one step.
         for backend in ("native", "triton"):
             if impls[f"ours ({backend})"][0] is not None:

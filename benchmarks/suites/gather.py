@@ -99,9 +99,10 @@ class _Timer:
     """Times implementations of one case into rows; a failing one becomes a row with the reason."""
 
     def __init__(self, rows: list[Row], case: str, device: torch.device, nbytes: float, baseline: str,
-                 config: dict, quick: bool, progress: Callable[[str], None]):
+                 config: dict, quick: bool, progress: Callable[[str], None], headline: bool = False):
         self.rows, self.case, self.device, self.nbytes = rows, case, device, nbytes
         self.baseline, self.config, self.quick, self.progress = baseline, config, quick, progress
+        self.headline = headline  # the report's headline compares ours with the baseline on this case
 
     def __call__(self, impl: str, fn: Optional[Callable[[], object]], why: str = "", note: str = "",
                  check: Optional[Callable[[object], Optional[str]]] = None) -> None:
@@ -122,7 +123,7 @@ class _Timer:
                                  note=f"failed: {exc.__class__.__name__}: {exc}"[:200], config=self.config))
             return
         self.rows.append(Row(SUITE, self.case, impl, ms, self.nbytes, baseline=self.baseline, note=note,
-                             config=self.config))
+                             config=self.config, headline=self.headline))
 
 
 def _close(want: torch.Tensor, tol: float) -> Callable[[object], Optional[str]]:
@@ -175,8 +176,9 @@ def _gather_config(device, quick, progress, ours, vit, batch, dtype, threads) ->
     enc = masks_enc[0]
     k = enc.shape[1]
     case = f"{vit} b{batch} {dname}: context gather [B, K={k}]"
+    headline = vit == "vit_base" and batch == 128 and not threads
     time_case = _Timer(rows, case, device, 2.0 * batch * k * dim * es + batch * k * 4, APPLY_MASKS,
-                       dict(base, K=k, rows=batch * k), quick, progress)
+                       dict(base, K=k, rows=batch * k), quick, progress, headline)
     want = ijepa_apply_masks(x, masks_enc)
     time_case(APPLY_MASKS, lambda: ijepa_apply_masks(x, masks_enc))
     b_idx = torch.arange(batch, device=device)[:, None]
@@ -218,7 +220,7 @@ def _gather_config(device, quick, progress, ours, vit, batch, dtype, threads) ->
     tokens = masks.target_index.long()
     case = f"{vit} b{batch} {dname}: targets gather+pos+bias+norm [T={total}]"
     time_case = _Timer(rows, case, device, 3.0 * total * dim * es + batch * dim * es + total * 4, EAGER,
-                       dict(base, T=total), quick, progress)
+                       dict(base, T=total), quick, progress, headline)
     want = reference.gather_tokens(x, masks.target_index, cu, pos=pos, bias=bias, normalize=True)
     time_case(EAGER, lambda: eager_sequence(x, row_sample, tokens, pos, bias))
     compiled, why = try_compile(eager_sequence, dynamic=False)

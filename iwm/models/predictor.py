@@ -176,7 +176,7 @@ class VisionTransformerPredictor(nn.Module):
         action = self._check_action(action, batch)
         x = self.predictor_embed(z)
         pos = self.predictor_pos_embed.expand(batch, -1, -1)
-        x = x + iwm_kernels.apply_masks(pos, list(masks_x)).to(x.dtype)
+        x = x + iwm_kernels.apply_masks(pos, list(masks_x), backend=backend).to(x.dtype)
         sequences = []
         for m in masks:  # mask-major, each repeated over the context masks: I-JEPA's order
             tokens = self.mask_tokens(m, None, action, backend).to(x.dtype)  # [B, K, dim]

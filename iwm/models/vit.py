@@ -155,7 +155,7 @@ class VisionTransformer(nn.Module):
                 x = block.forward_dense(x)
             return self.norm(x)
         if isinstance(masks, (list, tuple)):
-            x = iwm_kernels.apply_masks(tokens + self.pos_embed.to(tokens.dtype), list(masks))
+            x = iwm_kernels.apply_masks(tokens + self.pos_embed.to(tokens.dtype), list(masks), backend=backend)
             for block in self.blocks:
                 x = block.forward_dense(x)
             return self.norm(x)
