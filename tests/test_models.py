@@ -288,4 +288,4 @@ def test_bf16_autocast_step_is_close_to_fp32(seed):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss16, _ = model(src, tgt, masks, action)
     assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
-    assert abs(float(loss16) - float(loss32)) < 0.05 * float(loss32)
+    assert abs(float(loss16.detach()) - float(loss32.detach())) < 0.05 * float(loss32.detach())

@@ -25,6 +25,9 @@ Variants (same weights, same images, same augmentation parameters and masks, ste
   ours (fused)                    our step: ragged masks, fused kernels (automatic backends).
   ours + torch.compile            the same with the forward compiled (iwm.train's meta.compile).
 
+The optimiser is AdamW with I-JEPA's parameter groups: torch's default implementation in the baselines
+(as I-JEPA builds it), the fused one in ours (as `iwm.train` builds it).
+
 torch.compile covers the forward (and so its backward); augmentation, masks, AdamW and the EMA run as
 in the eager form of the variant. It compiles with dynamic=True, because the token counts change every
 step. A compile that fails, or takes longer than its time limit, leaves a row with the reason.
@@ -56,7 +59,7 @@ from iwm import augment as aug
 from iwm.masks import MultiBlockMaskSampler
 from iwm.models import IWM, get_preset
 from iwm.models.presets import PRESETS
-from iwm.train import param_groups
+from iwm.train import build_optimizer, param_groups
 
 from ..common import Row, TimeLimitExceeded, time_left, time_limit
 from ..flops import mask_lengths, step_flops
@@ -370,7 +373,10 @@ class StepBench:
             if left < 0.5 * case.compile_limit_s:
                 return row(None, f"skipped: {max(left, 0):.0f} s of the report's time budget left "
                                  f"(a compile may take {case.compile_limit_s:.0f} s)")
-        optimizer = torch.optim.AdamW(param_groups(self.model), lr=1e-4, weight_decay=0.04)
+        if variant.backend is None:   # ours: the optimiser iwm.train builds (fused AdamW)
+            optimizer = build_optimizer(self.model, 1e-4, 0.04)
+        else:                         # the baselines: torch's default AdamW, as I-JEPA builds it
+            optimizer = torch.optim.AdamW(param_groups(self.model), lr=1e-4, weight_decay=0.04)
         marks = Marks(device)
         step, cleanup = self.make_step(variant, optimizer, marks)
         totals, phases = [], []
