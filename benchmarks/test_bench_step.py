@@ -21,7 +21,7 @@ def bench():
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v.name for v in VARIANTS])
 def test_training_step(benchmark, bench, variant):
-    optimizer = torch.optim.AdamW(suite.param_groups(bench.model), lr=1e-4, weight_decay=0.04)
+    optimizer = bench.optimizer_for(variant)
     marks = suite.Marks(DEVICE)
     step, cleanup = bench.make_step(variant, optimizer, marks)
     steps = itertools.count()

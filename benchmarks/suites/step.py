@@ -288,6 +288,13 @@ class StepBench:
                 total += step_flops(self.model, ctx, tgt, shared=self.shared).step
         return total / max(1, len(steps))
 
+    def optimizer_for(self, variant: Variant) -> torch.optim.Optimizer:
+        """Ours: the optimiser iwm.train builds (fused AdamW); the baselines: torch's default AdamW, as
+        I-JEPA builds it. Same groups and hyperparameters."""
+        if variant.backend is None:
+            return build_optimizer(self.model, 1e-4, 0.04)
+        return torch.optim.AdamW(param_groups(self.model), lr=1e-4, weight_decay=0.04)
+
     def make_step(self, variant: Variant, optimizer: torch.optim.Optimizer, marks: Marks
                   ) -> tuple[Callable[[int], None], Callable[[], None]]:
         """(step(i), cleanup()) for `variant`; step(i) runs training step i, marking its phases."""
@@ -373,10 +380,7 @@ class StepBench:
             if left < 0.5 * case.compile_limit_s:
                 return row(None, f"skipped: {max(left, 0):.0f} s of the report's time budget left "
                                  f"(a compile may take {case.compile_limit_s:.0f} s)")
-        if variant.backend is None:   # ours: the optimiser iwm.train builds (fused AdamW)
-            optimizer = build_optimizer(self.model, 1e-4, 0.04)
-        else:                         # the baselines: torch's default AdamW, as I-JEPA builds it
-            optimizer = torch.optim.AdamW(param_groups(self.model), lr=1e-4, weight_decay=0.04)
+        optimizer = self.optimizer_for(variant)
         marks = Marks(device)
         step, cleanup = self.make_step(variant, optimizer, marks)
         totals, phases = [], []
