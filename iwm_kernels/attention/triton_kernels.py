@@ -40,6 +40,34 @@ INTERPRET_BLOCK_N = 16
 
 
 @triton.jit
+def _tile_rows(CU, pid_sh, pid_t, num_heads, BLOCK: tl.constexpr):
+    """The sequence, head and row tile of program (pid_sh, pid_t): rows [tile_start, tile_start + BLOCK)
+    of the packed sequence [seq_start, seq_end). The caller returns when tile_start >= seq_end."""
+    seq = pid_sh // num_heads
+    head = pid_sh % num_heads
+    seq_start = tl.load(CU + seq)
+    seq_end = tl.load(CU + seq + 1)
+    tile_start = seq_start + pid_t * BLOCK
+    offs = tile_start + tl.arange(0, BLOCK)
+    return seq, head, seq_start, seq_end, tile_start, offs, offs < seq_end
+
+
+@triton.jit
+def _row_segments(CTX_END, SEG_LO, SEG_HI, seq, seq_end, offs, mask, HAS_SEGMENTS: tl.constexpr):
+    """(ctx_end, lo, hi): where the context ends, and each row's own segment [lo, hi). Without segments
+    the whole sequence is context and [lo, hi) is empty."""
+    if HAS_SEGMENTS:
+        ctx_end = tl.load(CTX_END + seq)
+        lo = tl.load(SEG_LO + offs, mask=mask, other=_NO_ROW)
+        hi = tl.load(SEG_HI + offs, mask=mask, other=0)
+    else:
+        ctx_end = seq_end
+        lo = offs
+        hi = offs
+    return ctx_end, lo, hi
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, start, end, lo, hi, offs_d, mask_d,
                qk_scale, OWN_SEGMENT: tl.constexpr, BLOCK_N: tl.constexpr, IN_DTYPE: tl.constexpr,
                MM_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -76,17 +104,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU, CTX_END, SEG_LO, SEG_HI,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_SEGMENTS: tl.constexpr, IN_DTYPE: tl.constexpr, MM_DTYPE: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    pid_sh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    seq = pid_sh // num_heads
-    head = pid_sh % num_heads
-    seq_start = tl.load(CU + seq)
-    seq_end = tl.load(CU + seq + 1)
-    m_start = seq_start + pid_m * BLOCK_M
+    seq, head, seq_start, seq_end, m_start, offs_m, mask_m = _tile_rows(CU, tl.program_id(0), tl.program_id(1),
+                                                                        num_heads, BLOCK_M)
     if m_start >= seq_end:
         return
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < seq_end
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     q_rows = offs_m[:, None].to(tl.int64)
@@ -98,14 +119,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, CU, CTX_END, SEG_LO, SEG_HI,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if HAS_SEGMENTS:
-        ctx_end = tl.load(CTX_END + seq)
-        lo = tl.load(SEG_LO + offs_m, mask=mask_m, other=_NO_ROW)
-        hi = tl.load(SEG_HI + offs_m, mask=mask_m, other=0)
-    else:
-        ctx_end = seq_end
-        lo = offs_m
-        hi = offs_m
+    ctx_end, lo, hi = _row_segments(CTX_END, SEG_LO, SEG_HI, seq, seq_end, offs_m, mask_m, HAS_SEGMENTS)
     # Every query sees the context (segment 0; the whole sequence without segments)...
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, seq_start, ctx_end, lo, hi,
                                offs_d, mask_d, qk_scale, False, BLOCK_N, IN_DTYPE, MM_DTYPE, DOT_PRECISION)
@@ -146,34 +160,22 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, CTX_END, SEG_LO, 
                           MM_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One (sequence, head, key tile of BLOCK_N rows): walk the query tiles (BLOCK_M rows) that can see
     it, accumulate dk and dv in fp32. DK and DV share the strides stride_gt, stride_gh."""
-    pid_sh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    seq = pid_sh // num_heads
-    head = pid_sh % num_heads
-    seq_start = tl.load(CU + seq)
-    seq_end = tl.load(CU + seq + 1)
-    n_start = seq_start + pid_n * BLOCK_N
+    seq, head, seq_start, seq_end, n_start, offs_n, mask_n = _tile_rows(CU, tl.program_id(0), tl.program_id(1),
+                                                                        num_heads, BLOCK_N)
     if n_start >= seq_end:
         return
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < seq_end
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     k_rows = offs_n[:, None].to(tl.int64)
     kv_mask = mask_n[:, None] & mask_d[None, :]
     k = tl.load(K + head * stride_kh + k_rows * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0).to(MM_DTYPE)
     v = tl.load(V + head * stride_vh + k_rows * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0).to(MM_DTYPE)
+    ctx_end, lo_k, hi_k = _row_segments(CTX_END, SEG_LO, SEG_HI, seq, seq_end, offs_n, mask_n, HAS_SEGMENTS)
     if HAS_SEGMENTS:
-        ctx_end = tl.load(CTX_END + seq)
-        lo_k = tl.load(SEG_LO + offs_n, mask=mask_n, other=_NO_ROW)
-        hi_k = tl.load(SEG_HI + offs_n, mask=mask_n, other=0)
         # A context key is seen by the whole sequence; a segment-g key only by segment g's queries.
         q_lo = tl.where(n_start < ctx_end, seq_start, tl.min(lo_k, 0))
         q_hi = tl.where(n_start < ctx_end, seq_end, tl.max(hi_k, 0))
     else:
-        ctx_end = seq_end
-        lo_k = offs_n
-        hi_k = offs_n
         q_lo = seq_start
         q_hi = seq_end
     q_ptr = Q + head * stride_qh
@@ -237,17 +239,10 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CTX_END, SEG_LO, SEG_HI
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_SEGMENTS: tl.constexpr, IN_DTYPE: tl.constexpr, MM_DTYPE: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
-    pid_sh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    seq = pid_sh // num_heads
-    head = pid_sh % num_heads
-    seq_start = tl.load(CU + seq)
-    seq_end = tl.load(CU + seq + 1)
-    m_start = seq_start + pid_m * BLOCK_M
+    seq, head, seq_start, seq_end, m_start, offs_m, mask_m = _tile_rows(CU, tl.program_id(0), tl.program_id(1),
+                                                                        num_heads, BLOCK_M)
     if m_start >= seq_end:
         return
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < seq_end
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     rows = offs_m[:, None].to(tl.int64)
@@ -258,14 +253,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CTX_END, SEG_LO, SEG_HI
     delta = tl.load(DELTA + head.to(tl.int64) * total + offs_m, mask=mask_m, other=0.0)
     k_ptr = K + head * stride_kh
     v_ptr = V + head * stride_vh
-    if HAS_SEGMENTS:
-        ctx_end = tl.load(CTX_END + seq)
-        lo = tl.load(SEG_LO + offs_m, mask=mask_m, other=_NO_ROW)
-        hi = tl.load(SEG_HI + offs_m, mask=mask_m, other=0)
-    else:
-        ctx_end = seq_end
-        lo = offs_m
-        hi = offs_m
+    ctx_end, lo, hi = _row_segments(CTX_END, SEG_LO, SEG_HI, seq, seq_end, offs_m, mask_m, HAS_SEGMENTS)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, seq_start, ctx_end, lo, hi, offs_d,
                    mask_d, qk_scale, False, BLOCK_N, IN_DTYPE, MM_DTYPE, DOT_PRECISION)
