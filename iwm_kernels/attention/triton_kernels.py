@@ -68,22 +68,33 @@ def _row_segments(CTX_END, SEG_LO, SEG_HI, seq, seq_end, offs, mask, HAS_SEGMENT
 
 
 @triton.jit
+def _key_tile_scores(q, k_ptr, stride_kt, start_n, end, lo, hi, offs_d, mask_d, qk_scale,
+                     OWN_SEGMENT: tl.constexpr, BLOCK_N: tl.constexpr, MM_DTYPE: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    """Scores of a query tile against the key rows [start_n, start_n + BLOCK_N) below `end` (log2
+    domain), which of them each query may see, and the key tile's rows and load mask."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    in_range = offs_n < end
+    rows = offs_n[:, None].to(tl.int64)
+    kv_mask = in_range[:, None] & mask_d[None, :]
+    k = tl.load(k_ptr + rows * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0).to(MM_DTYPE)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if OWN_SEGMENT:
+        visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+    else:
+        visible = in_range[None, :]
+    return s, visible, rows, kv_mask, k
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, start, end, lo, hi, offs_d, mask_d,
                qk_scale, OWN_SEGMENT: tl.constexpr, BLOCK_N: tl.constexpr, IN_DTYPE: tl.constexpr,
                MM_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online-softmax update of one query tile over the key rows [start, end). With OWN_SEGMENT, a row
     sees only the keys in its own [lo, hi); otherwise every key in range."""
     for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_range = offs_n < end
-        rows = offs_n[:, None].to(tl.int64)
-        kv_mask = in_range[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + rows * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0).to(MM_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if OWN_SEGMENT:
-            visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
-        else:
-            visible = in_range[None, :]
+        s, visible, rows, kv_mask, k = _key_tile_scores(q, k_ptr, stride_kt, start_n, end, lo, hi, offs_d, mask_d,
+                                                        qk_scale, OWN_SEGMENT, BLOCK_N, MM_DTYPE, DOT_PRECISION)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -214,17 +225,9 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, start, 
               qk_scale, OWN_SEGMENT: tl.constexpr, BLOCK_N: tl.constexpr, IN_DTYPE: tl.constexpr,
               MM_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_range = offs_n < end
-        rows = offs_n[:, None].to(tl.int64)
-        kv_mask = in_range[:, None] & mask_d[None, :]
-        k = tl.load(k_ptr + rows * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0).to(MM_DTYPE)
+        s, visible, rows, kv_mask, k = _key_tile_scores(q, k_ptr, stride_kt, start_n, end, lo, hi, offs_d, mask_d,
+                                                        qk_scale, OWN_SEGMENT, BLOCK_N, MM_DTYPE, DOT_PRECISION)
         v = tl.load(v_ptr + rows * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0).to(MM_DTYPE)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if OWN_SEGMENT:
-            visible = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
-        else:
-            visible = in_range[None, :]
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
