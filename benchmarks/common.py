@@ -90,6 +90,29 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
     return statistics.median(times)
 
 
+def time_fns(fns: dict[str, Callable[[], object]], device: torch.device, *, budget_s: float = 1.0,
+             passes: int = 3) -> dict[str, object]:
+    """Times several implementations of one case against each other: name -> median ms, or the
+    exception that fn raised. On a shared CPU, neighbours' load comes and goes over seconds, so timing
+    A fully and then B measures the machine as much as A and B. Here the implementations take turns in
+    `passes` passes (A B C A B C ...), each turn a median over budget_s / passes, and each keeps its
+    best turn: every implementation gets the same chances at a quiet period. On a GPU (its own device,
+    do_bench flushes caches) one pass is enough."""
+    passes = 1 if device.type == "cuda" else max(1, passes)
+    out: dict[str, object] = {}
+    for _ in range(passes):
+        for name, fn in fns.items():
+            if isinstance(out.get(name), BaseException):
+                continue
+            try:
+                ms = time_fn(fn, device, warmup=1 if name in out else 3, budget_s=budget_s / passes)
+            except Exception as exc:  # noqa: BLE001 - reported as a row by the caller
+                out[name] = exc
+                continue
+            out[name] = min(ms, out.get(name, float("inf")))
+    return out
+
+
 @dataclass
 class Ceilings:
     copy_gbps: float     # bytes read + written per second by a large copy

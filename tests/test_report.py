@@ -1,8 +1,10 @@
 """benchmarks.report on fake rows: speedups, the headline, the breakdown table, what did not run,
 report.json and the plots."""
 import json
+import time
 
 import pytest
+import torch
 
 from benchmarks import report
 from benchmarks.common import Ceilings, Row
@@ -88,3 +90,26 @@ def test_write_json_and_plots(tmp_path):
 def test_breakdown_states_the_augmentation_share():
     md = "\n".join(report.breakdown_markdown(fake_rows()))
     assert "data/augment: 30.0% of the step in eager, 6.2% of the step in ours (fused)" in md
+
+
+def test_time_fns_takes_turns_keeps_the_best_turn_and_reports_failures():
+    from benchmarks.common import time_fns
+
+    calls = []
+
+    def fast():
+        calls.append("fast")
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.002)
+
+    def broken():
+        raise RuntimeError("no kernel for this shape")
+
+    out = time_fns({"fast": fast, "slow": slow, "broken": broken}, torch.device("cpu"), budget_s=0.06, passes=3)
+    assert out["fast"] < out["slow"] and out["slow"] >= 2.0
+    assert isinstance(out["broken"], RuntimeError)
+    # three turns each, interleaved: the slow one ran between the fast one's turns
+    first_slow, last_fast = calls.index("slow"), len(calls) - 1 - calls[::-1].index("fast")
+    assert first_slow < last_fast

@@ -13,7 +13,7 @@ import iwm_kernels
 from iwm_kernels._backend import runs_on
 from iwm_kernels.ema import reference, run_backend
 
-from ..common import Row, time_fn, try_compile
+from ..common import Row, time_fns, try_compile
 from ..shapes import VITS, vit_params
 
 SUITE = "ema"
@@ -64,20 +64,21 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
         case = f"{vit} {str(dtype).replace('torch.', '')} ({numel / 1e6:.0f}M params, {len(targets)} tensors)"
         check = [t.clone() for t in targets]
         reference.ema_update_(check, onlines, MOMENTUM)
+        progress(f"ema | {case} | {', '.join(name for name, (fn, _) in impls.items() if fn is not None)}")
+        runnable = {name: (lambda f=fn: f(targets, onlines, MOMENTUM)) for name, (fn, _) in impls.items()
+                    if fn is not None}
+        with torch.no_grad():
+            timed = time_fns(runnable, device, budget_s=0.5 if quick else 1.5)
         for name, (fn, why) in impls.items():
-            progress(f"ema | {case} | {name}")
+            ms = timed.get(name)
             if fn is None:
                 rows.append(Row(SUITE, case, name, None, nbytes, note=why))
-                continue
-            try:
-                with torch.no_grad():
-                    ms = time_fn(lambda: fn(targets, onlines, MOMENTUM), device, budget_s=0.5 if quick else 1.5)
-            except Exception as exc:
-                rows.append(Row(SUITE, case, name, None, nbytes, note=f"failed: {exc.__class__.__name__}: {exc}"[:200]))
-                continue
-            rows.append(Row(SUITE, case, name, ms, nbytes, baseline="per-parameter loop (I-JEPA)",
-                            config={"vit": vit, "dtype": str(dtype), "numel": numel, "tensors": len(targets)},
-                            headline=vit == "vit_base" and dtype == torch.float32))
+            elif isinstance(ms, BaseException):
+                rows.append(Row(SUITE, case, name, None, nbytes, note=f"failed: {ms.__class__.__name__}: {ms}"[:200]))
+            else:
+                rows.append(Row(SUITE, case, name, ms, nbytes, baseline="per-parameter loop (I-JEPA)",
+                                config={"vit": vit, "dtype": str(dtype), "numel": numel, "tensors": len(targets)},
+                                headline=vit == "vit_base" and dtype == torch.float32))
         # One more correctness look on real shapes (cheap next to the timing): ours after one step.
         for backend in ("native", "triton"):
             if impls[f"ours ({backend})"][0] is not None:

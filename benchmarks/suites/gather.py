@@ -30,7 +30,7 @@ from iwm.masks import MultiBlockMaskSampler
 from iwm_kernels._backend import runs_on
 from iwm_kernels.gather import reference
 
-from ..common import Row, time_fn, try_compile
+from ..common import Row, time_fns, try_compile
 from ..ijepa_collator import IJEPAMaskCollator
 from ..shapes import VITS
 
@@ -96,34 +96,47 @@ class _threads:
 
 
 class _Timer:
-    """Times implementations of one case into rows; a failing one becomes a row with the reason."""
+    """Collects the implementations of one case, then `flush()` times them against each other
+    (`time_fns`: turns, best turn) into rows; a failing one becomes a row with the reason."""
 
     def __init__(self, rows: list[Row], case: str, device: torch.device, nbytes: float, baseline: str,
                  config: dict, quick: bool, progress: Callable[[str], None], headline: bool = False):
         self.rows, self.case, self.device, self.nbytes = rows, case, device, nbytes
         self.baseline, self.config, self.quick, self.progress = baseline, config, quick, progress
         self.headline = headline  # the report's headline compares ours with the baseline on this case
+        self.pending: list[tuple[str, Optional[Callable[[], object]], str, str]] = []
 
     def __call__(self, impl: str, fn: Optional[Callable[[], object]], why: str = "", note: str = "",
                  check: Optional[Callable[[object], Optional[str]]] = None) -> None:
-        self.progress(f"gather | {self.case} | {impl}")
-        if fn is None:
-            self.rows.append(Row(SUITE, self.case, impl, None, self.nbytes, note=why, config=self.config))
-            return
-        try:
-            if check is not None:
+        if fn is not None and check is not None:
+            try:
                 problem = check(fn())
+            except Exception as exc:
+                fn, why = None, f"failed: {exc.__class__.__name__}: {exc}"[:200]
+            else:
                 if problem:
-                    self.rows.append(Row(SUITE, self.case, impl, None, self.nbytes, note=f"MISMATCH: {problem}",
-                                         config=self.config))
-                    return
-            ms = time_fn(fn, self.device, budget_s=0.5 if self.quick else 1.5)
-        except Exception as exc:
-            self.rows.append(Row(SUITE, self.case, impl, None, self.nbytes,
-                                 note=f"failed: {exc.__class__.__name__}: {exc}"[:200], config=self.config))
-            return
-        self.rows.append(Row(SUITE, self.case, impl, ms, self.nbytes, baseline=self.baseline, note=note,
-                             config=self.config, headline=self.headline))
+                    fn, why = None, f"MISMATCH: {problem}"
+        self.pending.append((impl, fn, why, note))
+
+    def _row(self, impl: str, ms: Optional[float], note: str) -> Row:
+        if ms is None:
+            return Row(SUITE, self.case, impl, None, self.nbytes, note=note, config=self.config)
+        return Row(SUITE, self.case, impl, ms, self.nbytes, baseline=self.baseline, note=note, config=self.config,
+                   headline=self.headline)
+
+    def flush(self) -> None:
+        runnable = {impl: fn for impl, fn, _, _ in self.pending if fn is not None}
+        self.progress(f"gather | {self.case} | {', '.join(runnable) or 'nothing to time'}")
+        timed = time_fns(runnable, self.device, budget_s=0.5 if self.quick else 1.5)
+        for impl, fn, why, note in self.pending:
+            ms = timed.get(impl)
+            if fn is None:
+                self.rows.append(self._row(impl, None, why))
+            elif isinstance(ms, BaseException):
+                self.rows.append(self._row(impl, None, f"failed: {ms.__class__.__name__}: {ms}"[:200]))
+            else:
+                self.rows.append(self._row(impl, ms, note))
+        self.pending = []
 
 
 def _close(want: torch.Tensor, tol: float) -> Callable[[object], Optional[str]]:
@@ -196,6 +209,7 @@ def _gather_config(device, quick, progress, ours, vit, batch, dtype, threads) ->
             time_case(f"ours gather_tokens ({backend}, check_values=False)",
                       lambda b=backend: iwm_kernels.gather_tokens(x, enc32, backend=b, check_values=False),
                       note="no host round trip (values clamped on the device)", check=_close(want, 0.0))
+    time_case.flush()
 
     # 2. context gather, ragged (packed, nothing truncated)
     total = masks.context_index.numel()
@@ -212,6 +226,7 @@ def _gather_config(device, quick, progress, ours, vit, batch, dtype, threads) ->
         run = (lambda b=backend: iwm_kernels.gather_tokens(x, masks.context_index, masks.context_cu, backend=b)
                ) if not why else None
         time_case(f"ours gather_tokens ({backend})", run, why, check=_close(want, 0.0))
+    time_case.flush()
 
     # 3. fused targets: gather + pos + bias + layer_norm over the packed target blocks
     total = masks.target_index.numel()
@@ -238,6 +253,7 @@ def _gather_config(device, quick, progress, ours, vit, batch, dtype, threads) ->
         if backend == "native" and not why and total * dim * es >= 32 << 20:
             time_case("ours gather_tokens fused (native, output pool off)", _pool_off(run),
                       note="outputs of 32 MB and more page-fault on every call without the pool")
+    time_case.flush()
 
     # 4. forward + backward of the context gather
     if (vit == "vit_base" or not quick) and not threads:
@@ -259,6 +275,7 @@ def _gather_config(device, quick, progress, ours, vit, batch, dtype, threads) ->
         for backend, why in ours.items():
             run = fwd_bwd(lambda b=backend: iwm_kernels.gather_tokens(xg, enc32, backend=b)) if not why else None
             time_case(f"ours gather_tokens fwd+bwd ({backend})", run, why)
+        time_case.flush()
     return rows
 
 
@@ -276,6 +293,7 @@ def sampler_cases(quick: bool, progress: Callable[[str], None]) -> list[Row]:
             sampler = MultiBlockMaskSampler(grid, context_mode=mode, seed=0)
             time_case(f"ours MultiBlockMaskSampler ({mode})", lambda s=sampler: s.sample(256, next(steps)),
                       note="ragged, nothing truncated")
+        time_case.flush()
     return rows
 
 
