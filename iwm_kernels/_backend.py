@@ -12,6 +12,7 @@ choice that cannot run raises.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import NamedTuple, Optional
@@ -119,9 +120,16 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: str,
 
     Explicit choices that cannot run here raise (the user asked for something specific); the automatic
     choice degrades to the reference with a one-time warning. `native_devices` lists the device types
-    the op has native code for (an op whose GPU path is Triton only passes ("cpu",)).
+    the op has native code for (an op whose GPU path is Triton only passes ("cpu",)). The environment
+    is read on every call; the decision for it is cached, because what can run does not change within
+    a process and the checks behind it cost more than a small op.
     """
-    explicit = requested_backend(backend)
+    return _resolve(requested_backend(backend), device.type, op, tuple(native_devices))
+
+
+@functools.lru_cache(maxsize=512)
+def _resolve(explicit: Optional[str], device_type: str, op: str, native_devices: tuple[str, ...]) -> str:
+    device = torch.device(device_type)
     if explicit is not None:
         if explicit == "native" and device.type not in native_devices:
             raise RuntimeError(f"{op}: backend 'native' cannot run here: {op} has no native code for "
