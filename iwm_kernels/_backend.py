@@ -124,7 +124,10 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: str,
     is read on every call; the decision for it is cached, because what can run does not change within
     a process and the checks behind it cost more than a small op.
     """
-    return _resolve(requested_backend(backend), device.type, op, tuple(native_devices))
+    args = (requested_backend(backend), device.type, op, tuple(native_devices))
+    if torch.compiler.is_compiling():  # dynamo traces through the cache anyway (and warns): skip it
+        return _resolve.__wrapped__(*args)
+    return _resolve(*args)
 
 
 @functools.lru_cache(maxsize=512)
