@@ -99,6 +99,25 @@ def _row_moments(x_ptr, pos_ptr, bias_ptr, x_row, pos_row, bias_row, row_ok, D,
 
 
 @triton.jit
+def _whole_row(x_ptr, pos_ptr, bias_ptr, x_row, pos_row, bias_row, row_ok, D, eps, HAS_POS: tl.constexpr,
+               HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Rows that fit one BLOCK_D chunk: (cols, mask, v, rstd), v = x (+ pos) (+ bias), layer-normed with
+    NORMALIZE (rstd is 0 without)."""
+    cols = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (cols < D)[None, :]
+    v = _row_chunk(x_ptr, pos_ptr, bias_ptr, x_row, pos_row, bias_row, cols, mask, HAS_POS, HAS_BIAS, ACC)
+    if NORMALIZE:
+        mean = tl.sum(v, axis=1) / D
+        c = tl.where(mask, v - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
+        v = c * rstd[:, None]
+    else:
+        rstd = tl.zeros([ROWS], dtype=ACC)
+    return cols, mask, v, rstd
+
+
+@triton.jit
 def _gather_fwd_kernel(x_ptr, idx_ptr, cu_ptr, pos_ptr, bias_ptr, out_ptr,
                        T, D, row_len, num_seqs, stride_xb, stride_xn, stride_pn, stride_bb, eps,
                        RECT: tl.constexpr, X_BATCHED: tl.constexpr, HAS_POS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -109,14 +128,8 @@ def _gather_fwd_kernel(x_ptr, idx_ptr, cu_ptr, pos_ptr, bias_ptr, out_ptr,
         RECT, X_BATCHED, SEARCH_STEPS, ROWS)
     out_row = rows * D
     if WHOLE_ROW:
-        cols = tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (cols < D)[None, :]
-        v = _row_chunk(x_ptr, pos_ptr, bias_ptr, x_row, pos_row, bias_row, cols, mask, HAS_POS, HAS_BIAS, ACC)
-        if NORMALIZE:
-            mean = tl.sum(v, axis=1) / D
-            c = tl.where(mask, v - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
-            v = c * rstd[:, None]
+        cols, mask, v, rstd = _whole_row(x_ptr, pos_ptr, bias_ptr, x_row, pos_row, bias_row, row_ok, D, eps,
+                                         HAS_POS, HAS_BIAS, NORMALIZE, ACC, ROWS, BLOCK_D)
         tl.store(out_ptr + out_row[:, None] + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         if NORMALIZE:
@@ -144,13 +157,8 @@ def _norm_bwd_kernel(x_ptr, idx_ptr, cu_ptr, pos_ptr, bias_ptr, dy_ptr, ds_ptr,
         RECT, X_BATCHED, SEARCH_STEPS, ROWS)
     out_row = rows * D
     if WHOLE_ROW:
-        cols = tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (cols < D)[None, :]
-        v = _row_chunk(x_ptr, pos_ptr, bias_ptr, x_row, pos_row, bias_row, cols, mask, HAS_POS, HAS_BIAS, ACC)
-        mean = tl.sum(v, axis=1) / D
-        c = tl.where(mask, v - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=1) / D + eps)
-        xhat = c * rstd[:, None]
+        cols, mask, xhat, rstd = _whole_row(x_ptr, pos_ptr, bias_ptr, x_row, pos_row, bias_row, row_ok, D, eps,
+                                            HAS_POS, HAS_BIAS, True, ACC, ROWS, BLOCK_D)
         dy = tl.load(dy_ptr + out_row[:, None] + cols[None, :], mask=mask, other=0.0).to(ACC)
         mean_dy = tl.sum(dy, axis=1) / D
         mean_dyx = tl.sum(dy * xhat, axis=1) / D
