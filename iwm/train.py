@@ -123,8 +123,8 @@ def param_groups(model: IWM) -> list[dict]:
 
 def build_optimizer(model: IWM, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW on `param_groups`, with PyTorch's fused implementation where the parameters' device has
-    one (CPU and CUDA): one kernel over all parameters instead of a dozen ops per tensor (on the
-    2-core CPU, the tiny preset's optimiser step drops from 9 ms to 2 ms). The update is the same."""
+    one (CPU and CUDA): one kernel over all parameters instead of a dozen ops per tensor (the step
+    breakdown of the CPU benchmark report shows the optimiser phase of each). The update is the same."""
     device = next(model.encoder.parameters()).device
     fused = device.type in ("cpu", "cuda")
     return torch.optim.AdamW(param_groups(model), lr=lr, weight_decay=weight_decay, fused=fused)
