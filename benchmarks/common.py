@@ -8,6 +8,7 @@ a large matmul (bf16 on GPU, fp32 on CPU). Every row reports the fraction of the
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import signal
@@ -15,6 +16,7 @@ import statistics
 import subprocess
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Optional
 
@@ -34,6 +36,8 @@ class Row:
     config: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # per-suite figures (img/s, peak memory, ...)
     headline: bool = False        # this row's case is the suite's representative one (report headline)
+    same_work: bool = True        # computes what the baseline computes; False for a layout that does less
+                                  # work by design (shared-context attention): never the headline's "ours"
 
     @property
     def gbps(self) -> Optional[float]:
@@ -238,3 +242,16 @@ def time_limit(seconds: Optional[float], what: str) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def quiet_compile():
+    """Silence torch.compile's warnings and dynamo's log while a benchmark compiles; restore both."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        level = logging.getLogger("torch._dynamo").level
+        logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.getLogger("torch._dynamo").setLevel(level)

@@ -113,3 +113,15 @@ def test_time_fns_takes_turns_keeps_the_best_turn_and_reports_failures():
     # three turns each, interleaved: the slow one ran between the fast one's turns
     first_slow, last_fast = calls.index("slow"), len(calls) - 1 - calls[::-1].index("fast")
     assert first_slow < last_fast
+
+
+def test_headline_never_picks_a_row_that_does_less_work():
+    rows = [Row("attention", "c", "SDPA padded", 10.0, flops=1e9, baseline="SDPA padded", headline=True),
+            Row("attention", "c", "ours repeated (native)", 12.0, flops=1e9, baseline="SDPA padded", headline=True),
+            Row("attention", "c", "ours shared (native)", 5.0, flops=4e8, baseline="SDPA padded", headline=True,
+                same_work=False)]
+    (entry,) = report.headline(rows, CEIL)
+    assert entry["ours"] == "ours repeated (native)" and entry["speedup"] == pytest.approx(10 / 12)
+    assert entry["less_work"] == {"ours shared (native)": pytest.approx(2.0)}
+    line = report.headline_markdown([entry])[-1]
+    assert "ours shared (native), less work by design: 2.00× the baseline" in line

@@ -155,3 +155,25 @@ def test_step_on_cuda():
         assert row.ms is not None and row.ms > 0, row.note
         assert row.extra["peak MB (allocated)"] > 0
         assert set(row.extra["breakdown_ms"]) >= {"data/augment", "encoder", "predictor", "backward", "EMA"}
+
+
+def test_every_variant_starts_from_the_same_weights(bench):
+    """Each variant trains the shared model while it is timed; the next must not inherit that."""
+    first = {k: v.clone() for k, v in bench.model.state_dict().items()}
+    seen = []
+    original = bench.optimizer_for
+
+    def spy(variant):  # called by run_variant after it restores the weights
+        seen.append({k: v.clone() for k, v in bench.model.state_dict().items()})
+        return original(variant)
+
+    bench.optimizer_for = spy
+    try:
+        for variant in (suite.VARIANTS[0], suite.VARIANTS[3]):
+            bench.run_variant(variant, lambda msg: None)
+    finally:
+        del bench.optimizer_for
+    assert any(not torch.equal(first[k], v) for k, v in bench.model.state_dict().items())  # it did train
+    for state in seen:
+        for k, v in bench.initial_state.items():
+            assert torch.equal(state[k], v), k

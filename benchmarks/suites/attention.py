@@ -288,7 +288,8 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
                     continue
                 note = "different semantics: context computed once (segments)" if mode == "shared" else ""
                 rows.append(Row(SUITE, label, name, ms, flops=flops, baseline=BASELINE, note=note, config=config,
-                                headline=pass_name == "fwd+bwd" and (shape.name, batch) == headline_case))
+                                headline=pass_name == "fwd+bwd" and (shape.name, batch) == headline_case,
+                                same_work=mode != "shared"))
                 del inputs, out
             if device.type == "cuda":
                 torch.cuda.empty_cache()

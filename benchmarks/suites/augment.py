@@ -10,9 +10,7 @@ Parameters are drawn from the paper's configuration (about 20 % of sources blurr
 """
 from __future__ import annotations
 
-import logging
 import time
-import warnings
 from typing import Callable, Optional
 
 import numpy as np
@@ -22,7 +20,7 @@ from iwm import augment as aug
 from iwm_kernels._backend import runs_on
 from iwm_kernels.photometric import reference, run_backend
 
-from ..common import Row, time_fn, try_compile
+from ..common import Row, quiet_compile, time_fn, try_compile
 
 SUITE = "augment"
 BASELINE = "per-transform chain (reference)"
@@ -138,9 +136,7 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
                 rows.append(Row(SUITE, case, name, None, nbytes, note=why, config=config))
                 continue
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+                with quiet_compile():
                     got = fn(images, table, cfg.mean, cfg.std, out_dtype)  # also compiles
                     ms = time_fn(lambda: fn(images, table, cfg.mean, cfg.std, out_dtype), device, budget_s=budget)
             except Exception as exc:

@@ -41,13 +41,10 @@ final synchronisation; the phases of a compiled forward are not separable (one "
 """
 from __future__ import annotations
 
-import contextlib
 import gc
-import logging
 import os
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
@@ -61,7 +58,7 @@ from iwm.models import IWM, get_preset
 from iwm.models.presets import PRESETS
 from iwm.train import build_optimizer, param_groups
 
-from ..common import Row, TimeLimitExceeded, time_left, time_limit
+from ..common import Row, TimeLimitExceeded, quiet_compile, time_left, time_limit
 from ..flops import mask_lengths, step_flops
 from .gather import ijepa_apply_masks
 
@@ -234,18 +231,6 @@ def _peak_rss_mb() -> Optional[float]:
     return None
 
 
-@contextlib.contextmanager
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        level = logging.getLogger("torch._dynamo").level
-        logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            logging.getLogger("torch._dynamo").setLevel(level)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -272,6 +257,8 @@ class StepBench:
         images = F.avg_pool2d(images.float(), 5, 1, 2).round().to(torch.uint8)
         self.host_images = images.pin_memory() if device.type == "cuda" else images
         self.shared = preset.shared_context
+        # Every variant starts from these weights (each one trains the shared model as it is timed).
+        self.initial_state = {k: v.clone() for k, v in self.model.state_dict().items()}
 
     def flops(self, variant: Variant, steps: range) -> float:
         """Mean model FLOPs of `variant`'s steps (each variant counts its own layout)."""
@@ -380,12 +367,13 @@ class StepBench:
             if left < 0.5 * case.compile_limit_s:
                 return row(None, f"skipped: {max(left, 0):.0f} s of the report's time budget left "
                                  f"(a compile may take {case.compile_limit_s:.0f} s)")
+        self.model.load_state_dict(self.initial_state)
         optimizer = self.optimizer_for(variant)
         marks = Marks(device)
         step, cleanup = self.make_step(variant, optimizer, marks)
         totals, phases = [], []
         try:
-            with _quiet():
+            with quiet_compile():
                 t0 = time.perf_counter()
                 limit = min(case.compile_limit_s, max(time_left(), 1.0)) if variant.compiled else None
                 with time_limit(limit, "compiling and warming up"):
