@@ -23,13 +23,17 @@ SETTINGS = [(cond, depth) for cond in ("none", "feature", "sequence") for depth 
 
 
 def run_one(cond: str, depth: int, out: Path, steps: int, seed: int, fresh: bool) -> dict:
-    folder = out / f"{cond}-depth{depth}"
+    # Everything that changes the result names the folder, so a run is only ever reused or resumed
+    # under the settings that made it.
+    folder = out / (f"{cond}-depth{depth}-seed{seed}" + (f"-steps{steps}" if steps else ""))
     summary = folder / "reproduce.json"
     if summary.exists() and not fresh:  # finished earlier: reuse; an interrupted run resumes from latest.pt
         return json.loads(summary.read_text())
     cmd = [sys.executable, "-m", "iwm.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
            f"meta.conditioning={cond}", f"meta.pred_depth={depth}", f"meta.seed={seed}",
            f"logging.folder={folder}", "logging.progress_bar=off", "eval.tasks=[mrr, linear]"]
+    if fresh:
+        cmd.append("meta.load_checkpoint=false")  # start over instead of resuming the finished run
     if steps:
         cmd.append(f"optimization.max_steps={steps}")
     t0 = time.time()

@@ -34,3 +34,24 @@ def test_doc_has_the_table_and_the_findings(tmp_path):
     text = doc.read_text()
     assert "| none | 2 | 0.024 |" in text and "| sequence | 2 | 0.060 |" in text
     assert "10 steps" in text and "holds" in text
+
+
+def test_runs_are_reused_only_under_the_settings_that_made_them(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cmd, cwd, check):
+        calls.append(cmd)
+        folder = Path(next(a for a in cmd if a.startswith("logging.folder=")).split("=", 1)[1])
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "eval-step10.json").write_text('{"mrr": 0.5}')
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    reproduce.run_one("feature", 2, tmp_path, 10, 0, fresh=False)
+    reproduce.run_one("feature", 2, tmp_path, 10, 0, fresh=False)   # finished: reused
+    assert len(calls) == 1
+    reproduce.run_one("feature", 2, tmp_path, 10, 1, fresh=False)   # another seed: its own run
+    reproduce.run_one("feature", 2, tmp_path, 20, 0, fresh=False)   # another length: its own run
+    assert len(calls) == 3
+    reproduce.run_one("feature", 2, tmp_path, 10, 0, fresh=True)    # fresh: retrained, not resumed
+    assert len(calls) == 4 and "meta.load_checkpoint=false" in calls[-1]
+    assert "meta.load_checkpoint=false" not in calls[0]
