@@ -141,11 +141,11 @@ class BuiltinPhotos(Dataset):
 
     def __init__(self, size: int, num_samples: int, *, split: str = "train", seed: int = 0,
                  scale: Sequence[float] = (0.3, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 flip: bool = True):
+                 flip_p: float = 0.5):
         if split not in ("train", "val"):
             raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
         self.size, self.num_samples, self.split, self.seed = size, num_samples, split, seed
-        self.scale, self.ratio, self.flip = tuple(scale), tuple(ratio), flip
+        self.scale, self.ratio, self.flip_p = tuple(scale), tuple(ratio), float(flip_p)
         self.photos = builtin_photos()
         self.classes = [name for name, _ in self.photos]
 
@@ -163,7 +163,7 @@ class BuiltinPhotos(Dataset):
         region = self.region(self.photos[label][1])
         gen = generator_for(self.seed, step, index, 0 if self.split == "train" else 1)
         box = random_resized_box(region.shape[1], region.shape[2], self.scale, self.ratio, gen)
-        flip = self.flip and bool(torch.rand((), generator=gen) < 0.5)
+        flip = self.flip_p > 0 and bool(torch.rand((), generator=gen) < self.flip_p)
         return Sample(crop_resize_flip(region, box, self.size, flip), label)
 
 
@@ -172,7 +172,7 @@ class ImageFolderDataset(Dataset):
     one stands in), counted in `Sample.skipped`, and reported by the training loop; never fatal."""
 
     def __init__(self, root: str | Path, size: int, *, seed: int = 0, scale: Sequence[float] = (0.3, 1.0),
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), flip: bool = True, random_crops: bool = True):
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), flip_p: float = 0.5, random_crops: bool = True):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.image_folder: {self.root} is not a directory")
@@ -187,7 +187,7 @@ class ImageFolderDataset(Dataset):
                         self.files.append((Path(dirpath) / name, label))
         if not self.files:
             raise FileNotFoundError(f"data.image_folder: no images under {self.root}")
-        self.size, self.seed, self.flip, self.random_crops = size, seed, flip, random_crops
+        self.size, self.seed, self.flip_p, self.random_crops = size, seed, float(flip_p), random_crops
         self.scale, self.ratio = tuple(scale), tuple(ratio)
 
     def __len__(self) -> int:
@@ -217,7 +217,7 @@ class ImageFolderDataset(Dataset):
         gen = generator_for(self.seed, step, index)
         if self.random_crops:
             box = random_resized_box(img.shape[1], img.shape[2], self.scale, self.ratio, gen)
-            flip = self.flip and bool(torch.rand((), generator=gen) < 0.5)
+            flip = self.flip_p > 0 and bool(torch.rand((), generator=gen) < self.flip_p)
         else:  # evaluation: the centre crop of the shorter side
             side = min(img.shape[1:])
             box, flip = ((img.shape[1] - side) // 2, (img.shape[2] - side) // 2, side, side), False

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from . import augment as aug
 from .checkpoint import (CheckpointError, find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state, unwrap_module)
+                         set_rng_state)
 from .config import Config, ConfigError, load_config, save_config, validate
 from .data import BuiltinPhotos, ImageFolderDataset, KeyedDataset, StepBatchSampler, StepCollator
 from .distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
@@ -104,10 +104,10 @@ def build_dataset(cfg: Config, seed: int):
     d = cfg.data
     if d.dataset == "builtin":
         return BuiltinPhotos(d.crop_size, d.builtin_samples, split="train", seed=seed, scale=tuple(d.crop_scale),
-                             ratio=tuple(cfg.augment.crop_ratio), flip=cfg.augment.flip_p > 0)
+                             ratio=tuple(cfg.augment.crop_ratio), flip_p=cfg.augment.flip_p)
     root = Path(d.root_path) / d.image_folder if d.root_path else Path(d.image_folder)
     return ImageFolderDataset(root, d.crop_size, seed=seed, scale=tuple(d.crop_scale),
-                              ratio=tuple(cfg.augment.crop_ratio), flip=cfg.augment.flip_p > 0)
+                              ratio=tuple(cfg.augment.crop_ratio), flip_p=cfg.augment.flip_p)
 
 
 def param_groups(model: IWM) -> list[dict]:
@@ -190,11 +190,11 @@ class Trainer:
         self.aug_cfg = augment_config(cfg)
         self.step = 0
         self._fault_nan_step = int(os.environ.get("IWM_FAULT_NAN_STEP", "-1"))
+        self._fault_nan_rank = int(os.environ.get("IWM_FAULT_NAN_RANK", "-1"))  # -1: every rank
         self.skipped_images = 0
         self.best_loss = math.inf
         self.resumed_from: Optional[Path] = None
         self._maybe_resume()
-        self.train_module = self.model
         self.ddp = None
         if self.dist.enabled:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -202,6 +202,7 @@ class Trainer:
         self.compiled_step = None
         if cfg.meta.compile:
             self.compiled_step = torch.compile(self.ddp if self.ddp is not None else _StepModule(self.model))
+        self.step_module = self.compiled_step or self.ddp or _StepModule(self.model)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
@@ -308,11 +309,17 @@ class Trainer:
                 masks = batch.masks.to(device)
                 source, target, action = self.views(images, step)
                 with autocast:
-                    step_module = self.compiled_step or self.ddp or _StepModule(model)
-                    loss, stats = step_module(source, target, masks, action if model.conditioning != "none" else None)
-                if step == self._fault_nan_step:  # fault injection for tests: IWM_FAULT_NAN_STEP=<step>
+                    loss, stats = self.step_module(source, target, masks,
+                                                   action if model.conditioning != "none" else None)
+                if step == self._fault_nan_step and self._fault_nan_rank in (-1, self.dist.rank):
+                    # fault injection for tests: IWM_FAULT_NAN_STEP=<step> [IWM_FAULT_NAN_RANK=<rank>]
                     loss = loss * float("nan")
-                loss_value = float(loss.detach())
+                # One read of the step's scalars, averaged over ranks: every rank then sees the same loss
+                # (NaN if any rank's is) and the same stop request, and all stop at the same step.
+                scalars = {"loss": float(loss.detach()), "target_std": float(stats["target_std"]),
+                           "pred_std": float(stats["pred_std"]), "stop": float(stop.signal is not None)}
+                scalars = all_reduce_mean(scalars, self.dist, device)
+                loss_value = scalars["loss"]
                 if not math.isfinite(loss_value):
                     raise TrainingStopped(
                         f"non-finite loss ({loss_value}) at step {step}: stopping; the last good checkpoint "
@@ -335,14 +342,11 @@ class Trainer:
                 window["wait"] += wait
                 last_loss = loss_value
                 row = {"step": step, "epoch": step // self.steps_per_epoch, "loss": loss_value, "lr": lr, "wd": wd,
-                       "momentum": momentum, "target_std": float(stats["target_std"]),
-                       "pred_std": float(stats["pred_std"]), "context_tokens": stats["context_tokens"],
+                       "momentum": momentum, "target_std": scalars["target_std"],
+                       "pred_std": scalars["pred_std"], "context_tokens": stats["context_tokens"],
                        "target_tokens": stats["target_tokens"], "skipped_images": self.skipped_images,
                        "data_wait_s": wait, "step_time_s": step_time,
                        "img_per_s": images.shape[0] * self.dist.world_size / max(step_time, 1e-9)}
-                if self.dist.enabled:
-                    row.update(all_reduce_mean({"loss": row["loss"], "target_std": row["target_std"],
-                                                "pred_std": row["pred_std"]}, self.dist, device))
                 if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps or self.step == start_step + 1:
                     img_s = window["images"] / max(window["time"], 1e-9)
                     eta = (self.total_steps - self.step) * window["time"] / max(1, window["steps"])
@@ -363,8 +367,8 @@ class Trainer:
                     self._saved_step = self.step
                 if cfg.eval.every > 0 and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
                     self.evaluate(writer, final=False)
-                if stop.signal is not None:
-                    stopped_by = signal.Signals(stop.signal).name
+                if scalars["stop"] > 0:  # this rank or another was asked to stop
+                    stopped_by = signal.Signals(stop.signal).name if stop.signal is not None else "a signal on another rank"
                     break
         finally:
             stop.restore()

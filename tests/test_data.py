@@ -80,3 +80,14 @@ def test_batch_order_resumes_exactly_and_ranks_partition():
 def test_sampler_rejects_too_small_dataset():
     with pytest.raises(ValueError, match="data.batch_size"):
         StepBatchSampler(3, 4)
+
+
+def test_flip_probability_is_a_probability(seed):
+    """augment.flip_p is honoured as a probability (0: never, 1: always, between: that fraction), and
+    the flip draw leaves the crop unchanged: the same key gives the same crop, mirrored or not."""
+    never, always = BuiltinPhotos(24, 50, seed=seed, flip_p=0.0), BuiltinPhotos(24, 50, seed=seed, flip_p=1.0)
+    for key in [(s, i) for s in range(3) for i in range(4)]:
+        assert torch.equal(never[key].image.flip(-1), always[key].image)
+    some = BuiltinPhotos(24, 50, seed=seed, flip_p=0.2)
+    flips = sum(not torch.equal(some[(s, 0)].image, never[(s, 0)].image) for s in range(300))
+    assert 30 <= flips <= 95  # Binomial(300, 0.2): mean 60, 5 sigma ~ 35

@@ -139,6 +139,19 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path):
         assert abs(la[s] - lb[s]) < 1e-4 * max(1.0, abs(la[s]))
 
 
+def test_ddp_nan_on_one_rank_stops_every_rank(tmp_path):
+    """The ranks decide together: a NaN on rank 1 alone must stop both, not leave rank 0 waiting in a
+    collective (the timeout would catch that hang)."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                str(random.randint(20000, 40000)), "-m", "iwm.train")
+    res = run(train_cmd(tmp_path, "optimization.max_steps=6", "data.batch_size=4", "logging.checkpoint_every=2",
+                        python=torchrun), env={"IWM_FAULT_NAN_STEP": "3", "IWM_FAULT_NAN_RANK": "1"}, timeout=240)
+    assert res.returncode != 0
+    assert res.stderr.count("non-finite loss") >= 2 and "step 3" in res.stderr, res.stderr[-3000:]
+    step, _ = params(tmp_path)
+    assert step == 2  # the last good checkpoint, intact
+
+
 @pytest.mark.slow
 def test_tiny_learns_on_cpu(tmp_path):
     """300 steps of `tiny` on the built-in photographs: the loss falls clearly, the targets do not collapse."""
