@@ -48,7 +48,10 @@ def gather_tokens_backward(grad_out: torch.Tensor, x: torch.Tensor, index: torch
         return (torch.zeros_like(x) if need_x else None, torch.zeros_like(pos) if need_pos else None,
                 torch.zeros_like(bias) if need_bias else None)
     shape_x = x.shape
-    x, flat, cu, row_len, num_seqs, pos_acc, bias_acc = _common(x, index, cu_seqlens, pos, bias)
+    # pos and bias are read only to recompute a normalised row; otherwise they are zero-stride stand-ins
+    # (see _kept_for_backward) that _common would expand into full copies.
+    x, flat, cu, row_len, num_seqs, pos_acc, bias_acc = _common(x, index, cu_seqlens, pos if normalize else None,
+                                                                bias if normalize else None)
     dim = x.shape[-1]
     grad = grad_out.reshape(-1, dim)
     if grad.dtype != x.dtype:

@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .._backend import requested_backend, resolve_backend, warn_once
+from .._backend import resolve_backend
 from .._validate import (OUTPUT_DTYPES, check_channel_values, check_dtype_choice, check_image_batch,
                          check_param_table, check_same_device)
 from . import reference
@@ -127,13 +127,7 @@ def _(images, params, mean, std, out_dtype, backend):
 
 
 def _resolve(backend: Optional[str], device: torch.device) -> str:
-    chosen = resolve_backend(backend, device, "photometric")
-    if chosen == "native" and device.type != "cpu":
-        if requested_backend(backend) == "native":
-            raise RuntimeError("photometric: backend 'native' has no CUDA kernel (use 'triton' or 'reference')")
-        warn_once("photometric:native-cuda", "iwm_kernels.photometric: no native CUDA kernel; using the reference")
-        return "reference"
-    return chosen
+    return resolve_backend(backend, device, "photometric", native_devices=("cpu",))  # no native CUDA kernel
 
 
 def _views(images, tables, names, mean, std, out_dtype, backend) -> torch.Tensor:
