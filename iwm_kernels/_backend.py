@@ -125,9 +125,18 @@ def resolve_backend(backend: Optional[str], device: torch.device, op: str,
     a process and the checks behind it cost more than a small op.
     """
     args = (requested_backend(backend), device.type, op, tuple(native_devices))
-    if torch.compiler.is_compiling():  # dynamo traces through the cache anyway (and warns): skip it
-        return _resolve.__wrapped__(*args)
+    if torch.compiler.is_compiling():
+        return _resolve_while_tracing(*args)
     return _resolve(*args)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_while_tracing(explicit: Optional[str], device_type: str, op: str, native_devices: tuple[str, ...]) -> str:
+    # The first call in a process may come from inside a torch.compile trace, and what can run is found
+    # out by importing triton and building the native extension under a lock: nothing dynamo can trace.
+    # Dynamo runs this function eagerly instead and bakes its answer into the graph as a constant (the
+    # answer cannot change within a process).
+    return _resolve(explicit, device_type, op, native_devices)
 
 
 @functools.lru_cache(maxsize=512)

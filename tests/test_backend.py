@@ -1,12 +1,14 @@
 """Backend selection when the fast paths are missing: a fresh process with triton hidden and the native
 extension switched off must import, fall back to the reference with one warning, and refuse an
-explicit request for what cannot run."""
+explicit request for what cannot run; and a first call made from inside a fullgraph torch.compile trace
+must resolve its backend without breaking the graph."""
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 import iwm_kernels
@@ -66,3 +68,39 @@ def test_resolution_follows_the_environment_each_call(monkeypatch):
     else:
         raise AssertionError("an unknown backend in the environment must raise, even after a cached choice")
     assert t[0].tolist() == [0.5] * 3
+
+
+FIRST_USE_COMPILED = textwrap.dedent("""
+    import json, sys, torch, iwm_kernels
+    backend = None if sys.argv[1] == "default" else sys.argv[1]
+    cu = torch.tensor([0, 4, 10])
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(q, x, index, target, online):
+        out = iwm_kernels.varlen_attention(q, q, q, cu, 6, backend=backend)
+        tokens = iwm_kernels.gather_tokens(x, index, backend=backend)
+        iwm_kernels.ema_update_([target], [online], 0.5, backend=backend)
+        return out, tokens
+
+    q, x = torch.randn(10, 2, 8), torch.randn(2, 5, 3)
+    index = torch.tensor([[0, 4], [2, 1]])
+    target, online = torch.ones(4), torch.zeros(4)
+    out, tokens = step(q, x, index, target, online)
+    want = iwm_kernels.varlen_attention(q, q, q, cu, 6, backend="reference")
+    print(json.dumps({"attention": bool(torch.allclose(out, want, atol=1e-5)),
+                      "gather": bool(torch.equal(tokens, x[torch.arange(2)[:, None], index])),
+                      "ema": target.tolist()}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["default", "native"])
+def test_first_use_inside_torch_compile_fullgraph(backend):
+    """The first kernel call of a process comes from inside a fullgraph trace: backend resolution (which
+    imports triton and builds the native extension under a lock) must not break the graph."""
+    env = {k: v for k, v in os.environ.items() if k not in ("IWM_KERNELS_BACKEND", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", FIRST_USE_COMPILED, backend], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res == {"attention": True, "gather": True, "ema": [0.5] * 4}, res

@@ -84,6 +84,15 @@ class _TritonVarlenAttention(torch.autograd.Function):
         from . import triton_kernels
 
         q, k, v, out, lse = ctx.saved_tensors
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_out, q, k, v)):
+            # create_graph=True (a double backward, e.g. a gradient penalty): the backward kernels are not
+            # differentiable, and their results would be silently constant. The reference's textbook
+            # backward is made of differentiable ops, so autograd records it: slower, but exact. (torch's
+            # once_differentiable would only raise under .backward(); autograd.grad(..., inputs) prunes
+            # its error node and drops the term.)
+            dq, dk, dv = reference.varlen_attention_backward(grad_out, q, k, v, ctx.layout.cu_seqlens,
+                                                             ctx.layout.segment_ids, ctx.scale)
+            return dq, dk, dv, None, None, None
         dq, dk, dv = triton_kernels.backward(grad_out, q, k, v, out, lse, ctx.layout, ctx.max_seqlen, ctx.scale)
         return dq, dk, dv, None, None, None
 
@@ -175,14 +184,17 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     cu_seqlens: [num_seqs + 1] int32/int64 offsets on q's device: sequence i is rows
         cu_seqlens[i]:cu_seqlens[i+1]; empty sequences are allowed. A token attends only within its
         own sequence.
-    max_seqlen: a Python int >= the longest sequence (sizes the launch grid; no device read).
+    max_seqlen: a Python int >= the longest sequence; only a bound (the Triton grid is sized from the
+        longest sequence the layout's value check finds, so a loose bound costs nothing).
     segment_ids: optional [T] int labels of the predictor's shared-context structure. Inside each
         sequence every segment is contiguous and segment 0 (context) comes first. A query in segment 0
         sees only segment-0 keys; a query in segment g > 0 sees segment-0 keys and its own segment's.
     scale: softmax scale, default 1/sqrt(Dh).
     backend: "reference" | "triton" | "native"; default from IWM_KERNELS_BACKEND, else automatic.
 
-    Accumulation is fp32 for every input dtype. Differentiable in q, k and v.
+    Accumulation is fp32 for every input dtype, and the output has q's dtype, under autocast too.
+    Differentiable in q, k and v; twice through the reference and triton backends (see
+    _TritonVarlenAttention.backward), not through native (SDPA raises).
     """
     T, H, D = _check_qkv(q, k, v)
     check_cu_seqlens(cu_seqlens, "cu_seqlens", T, device=q.device, check_values=False)

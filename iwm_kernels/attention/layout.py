@@ -14,7 +14,8 @@ other key tile.
 `prepare` validates the values (a device sync on CUDA) and computes these arrays once per pair of
 offset tensors: a predictor calls the attention once per layer with the same cu_seqlens/segment_ids,
 so the result is cached on the identity and version counter of those tensors (the cache holds them,
-so an id cannot be reused by another tensor while its entry lives; a few entries only).
+so an id cannot be reused by another tensor while its entry lives; a few entries only). Inference
+tensors have no version counter and are not cached.
 """
 from __future__ import annotations
 
@@ -113,8 +114,11 @@ def _alive(entry, cu, seg) -> bool:
 def prepare(cu_seqlens: torch.Tensor, segment_ids: Optional[torch.Tensor], total: int, max_seqlen: int,
             *, check_values: bool = True) -> Layout:
     """Validate the values of a packed layout (structure is checked by the caller) and describe it."""
+    # An inference tensor (made under torch.inference_mode) has no version counter, so an in-place change
+    # to it could not be noticed: such layouts are validated on every call and never cached.
+    cacheable = not cu_seqlens.is_inference() and (segment_ids is None or not segment_ids.is_inference())
     key = (id(cu_seqlens), id(segment_ids) if segment_ids is not None else None, total)
-    entry = _cache.get(key)
+    entry = _cache.get(key) if cacheable else None
     if entry is not None and _alive(entry, cu_seqlens, segment_ids):
         layout = entry[0]
     else:
@@ -126,9 +130,10 @@ def prepare(cu_seqlens: torch.Tensor, segment_ids: Optional[torch.Tensor], total
         longest = int(lengths.max()) if num_seqs else 0
         layout = Layout(cu_seqlens, segment_ids, total, num_seqs, longest)
         layout._cache["lengths"] = lengths
-        _cache[key] = (layout, cu_seqlens._version, segment_ids._version if segment_ids is not None else None)
-        while len(_cache) > _MAX_ENTRIES:
-            _cache.pop(next(iter(_cache)))
+        if cacheable:
+            _cache[key] = (layout, cu_seqlens._version, segment_ids._version if segment_ids is not None else None)
+            while len(_cache) > _MAX_ENTRIES:
+                _cache.pop(next(iter(_cache)))
     if isinstance(max_seqlen, int) and layout.longest > max_seqlen:
         check_max_seqlen(max_seqlen, "max_seqlen", layout.lengths)
     return layout

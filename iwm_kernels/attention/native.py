@@ -89,6 +89,11 @@ def mask(layout: Layout) -> Optional[torch.Tensor]:
     return layout._get("native_mask", make)
 
 
+# Autocast is off inside, as in the reference and the Triton kernels: the output has q's dtype and the
+# accumulation is fp32 whatever autocast region the call sits in (SDPA alone would run fp32 inputs in
+# bf16 under CPU autocast). Inputs that autocast already lowered (the module's qkv projection) stay low.
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, scale: float,
                      dropout_p: float = 0.0) -> torch.Tensor:
     if layout.total == 0 or layout.longest == 0:
@@ -104,6 +109,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
     return _unpad(out, layout)
 
 
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               layout: Layout, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) by the textbook formulas on the padded batch, fp32 (float64 kept)."""

@@ -26,10 +26,14 @@ import triton
 import triton.language as tl
 
 from .._backend import triton_interpreter_enabled
+from . import grid as launch_grid
 from .layout import Layout
 
 INTERPRET = triton_interpreter_enabled()
 LOG2E = 1.4426950408889634
+# Sizes that change with every batch: not specialized (Triton would compile a variant for values of 1 and
+# multiples of 16).
+_PER_BATCH_SIZES = ("num_seqs", "longest")
 _NO_ROW = tl.constexpr(2**30)  # lo of a padding row: larger than any row, so it never widens a tile's key range
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -40,9 +44,21 @@ INTERPRET_BLOCK_N = 16
 
 
 @triton.jit
-def _tile_rows(CU, pid_sh, pid_t, num_heads, BLOCK: tl.constexpr):
-    """The sequence, head and row tile of program (pid_sh, pid_t): rows [tile_start, tile_start + BLOCK)
-    of the packed sequence [seq_start, seq_end). The caller returns when tile_start >= seq_end."""
+def _program_tile(num_seq_heads, longest, BLOCK: tl.constexpr):
+    """(sequence x head, row tile) of this program, from its linear number over the grid (grid.py). A
+    program past the last tile gets tile ceil(longest / BLOCK), which starts past every sequence's end."""
+    pid = (tl.program_id(0).to(tl.int64) + tl.program_id(1).to(tl.int64) * tl.num_programs(0)
+           + tl.program_id(2).to(tl.int64) * tl.num_programs(0) * tl.num_programs(1))
+    num_tiles = tl.cdiv(longest, BLOCK)
+    pid_t = tl.minimum(pid // num_seq_heads, num_tiles)
+    return (pid % num_seq_heads).to(tl.int32), pid_t.to(tl.int32)
+
+
+@triton.jit
+def _tile_rows(CU, num_seqs, num_heads, longest, BLOCK: tl.constexpr):
+    """The sequence, head and row tile of this program: rows [tile_start, tile_start + BLOCK) of the
+    packed sequence [seq_start, seq_end). The caller returns when tile_start >= seq_end."""
+    pid_sh, pid_t = _program_tile(num_seqs * num_heads, longest, BLOCK)
     seq = pid_sh // num_heads
     head = pid_sh % num_heads
     seq_start = tl.load(CU + seq)
@@ -108,15 +124,14 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptr, v_ptr, stride_kt, stride_vt, start, end,
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH_SIZES)
 def _attn_fwd_kernel(Q, K, V, O, LSE, CU, CTX_END, SEG_LO, SEG_HI,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-                     total, num_heads, qk_scale, SEQ_BUCKET,
+                     total, num_seqs, num_heads, longest, qk_scale, SEQ_BUCKET,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_SEGMENTS: tl.constexpr, IN_DTYPE: tl.constexpr, MM_DTYPE: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    seq, head, seq_start, seq_end, m_start, offs_m, mask_m = _tile_rows(CU, tl.program_id(0), tl.program_id(1),
-                                                                        num_heads, BLOCK_M)
+    seq, head, seq_start, seq_end, m_start, offs_m, mask_m = _tile_rows(CU, num_seqs, num_heads, longest, BLOCK_M)
     if m_start >= seq_end:
         return
     offs_d = tl.arange(0, BLOCK_D)
@@ -162,17 +177,17 @@ def _bwd_delta_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh
     tl.store(DELTA + head.to(tl.int64) * total + offs_t, tl.sum(o * do, 1), mask=mask_t)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH_SIZES)
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU, CTX_END, SEG_LO, SEG_HI,
                           stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                          stride_gt, stride_gh, total, num_heads, qk_scale, sm_scale, SEQ_BUCKET,
+                          stride_gt, stride_gh, total, num_seqs, num_heads, longest, qk_scale, sm_scale,
+                          SEQ_BUCKET,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, HAS_SEGMENTS: tl.constexpr, IN_DTYPE: tl.constexpr,
                           MM_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One (sequence, head, key tile of BLOCK_N rows): walk the query tiles (BLOCK_M rows) that can see
     it, accumulate dk and dv in fp32. DK and DV share the strides stride_gt, stride_gh."""
-    seq, head, seq_start, seq_end, n_start, offs_n, mask_n = _tile_rows(CU, tl.program_id(0), tl.program_id(1),
-                                                                        num_heads, BLOCK_N)
+    seq, head, seq_start, seq_end, n_start, offs_n, mask_n = _tile_rows(CU, num_seqs, num_heads, longest, BLOCK_N)
     if n_start >= seq_end:
         return
     offs_d = tl.arange(0, BLOCK_D)
@@ -235,15 +250,15 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptr, v_ptr, stride_kt, stride_vt, start, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_PER_BATCH_SIZES)
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, CTX_END, SEG_LO, SEG_HI,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                        stride_gt, stride_gh, total, num_heads, qk_scale, sm_scale, SEQ_BUCKET,
+                        stride_gt, stride_gh, total, num_seqs, num_heads, longest, qk_scale, sm_scale,
+                        SEQ_BUCKET,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_SEGMENTS: tl.constexpr, IN_DTYPE: tl.constexpr, MM_DTYPE: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
-    seq, head, seq_start, seq_end, m_start, offs_m, mask_m = _tile_rows(CU, tl.program_id(0), tl.program_id(1),
-                                                                        num_heads, BLOCK_M)
+    seq, head, seq_start, seq_end, m_start, offs_m, mask_m = _tile_rows(CU, num_seqs, num_heads, longest, BLOCK_M)
     if m_start >= seq_end:
         return
     offs_d = tl.arange(0, BLOCK_D)
@@ -323,8 +338,14 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _seq_bucket(max_seqlen: int) -> int:
-    return max(16, triton.next_power_of_2(max(max_seqlen, 1)))
+def _seq_bucket(longest: int) -> int:
+    return max(16, triton.next_power_of_2(max(longest, 1)))
+
+
+def _tile_grid(layout: Layout, num_heads: int, block_key: str):
+    # Sized from the layout's real longest sequence (known on the host from validation, no extra sync),
+    # never from max_seqlen, which may be far larger; grid.py keeps every dimension within CUDA's limits.
+    return lambda meta: launch_grid.tile_grid(layout.num_seqs * num_heads, layout.longest, meta[block_key])
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -356,14 +377,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, m
     T, H, D = q.shape
     out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
-    if T == 0 or layout.num_seqs == 0 or max_seqlen == 0:
+    if T == 0 or layout.num_seqs == 0 or layout.longest == 0:
         return out, lse
     ctx_end, lo, hi, has_segments = _segment_args(layout)
-    grid = lambda meta: (layout.num_seqs * H, triton.cdiv(max_seqlen, meta["BLOCK_M"]))  # noqa: E731
     kernel, launch = _kernel("fwd", q.dtype, D)
-    kernel[grid](q, k, v, out, lse, layout.cu_seqlens_i32, ctx_end, lo, hi,
+    kernel[_tile_grid(layout, H, "BLOCK_M")](
+               q, k, v, out, lse, layout.cu_seqlens_i32, ctx_end, lo, hi,
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-               out.stride(1), T, H, scale * LOG2E, _seq_bucket(max_seqlen),
+               out.stride(1), T, layout.num_seqs, H, layout.longest, scale * LOG2E, _seq_bucket(layout.longest),
                HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_SEGMENTS=has_segments, IN_DTYPE=_TL_DTYPE[q.dtype],
                MM_DTYPE=_mm_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype), **launch)
     return out, lse
@@ -379,7 +400,7 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(dq)
-    if T == 0 or layout.num_seqs == 0 or max_seqlen == 0:
+    if T == 0 or layout.num_seqs == 0 or layout.longest == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = _block_d(D)
     delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
@@ -392,14 +413,12 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                   MM_DTYPE=_mm_dtype(q.dtype), DOT_PRECISION=_dot_precision(q.dtype))
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                grad_out.stride(0), grad_out.stride(1), dq.stride(0), dq.stride(1))
-    bucket = _seq_bucket(max_seqlen)
+    sizes = (T, layout.num_seqs, H, layout.longest, scale * LOG2E, scale, _seq_bucket(layout.longest))
     cu = layout.cu_seqlens_i32
-    grid_kv = lambda meta: (layout.num_seqs * H, triton.cdiv(max_seqlen, meta["BLOCK_N"]))  # noqa: E731
     kernel, launch = _kernel("dkdv", q.dtype, D)
-    kernel[grid_kv](q, k, v, grad_out, lse, delta, dk, dv, cu, ctx_end, lo, hi, *strides, T, H, scale * LOG2E, scale,
-                    bucket, **common, **launch)
-    grid_q = lambda meta: (layout.num_seqs * H, triton.cdiv(max_seqlen, meta["BLOCK_M"]))  # noqa: E731
+    kernel[_tile_grid(layout, H, "BLOCK_N")](q, k, v, grad_out, lse, delta, dk, dv, cu, ctx_end, lo, hi, *strides,
+                                             *sizes, **common, **launch)
     kernel, launch = _kernel("dq", q.dtype, D)
-    kernel[grid_q](q, k, v, grad_out, lse, delta, dq, cu, ctx_end, lo, hi, *strides, T, H, scale * LOG2E, scale,
-                   bucket, **common, **launch)
+    kernel[_tile_grid(layout, H, "BLOCK_M")](q, k, v, grad_out, lse, delta, dq, cu, ctx_end, lo, hi, *strides,
+                                             *sizes, **common, **launch)
     return dq, dk, dv
