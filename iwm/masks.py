@@ -14,8 +14,11 @@ What differs from I-JEPA's `MaskCollator` (src/masks/multiblock.py), on purpose:
 - No unbounded loop: a sample whose context is smaller than `min_keep` is redrawn at most `max_tries`
   times (vectorised over the failing samples); after that, the targets it must avoid are dropped one at
   a time, last block first, like I-JEPA's own relaxation, until the context is large enough. Such
-  samples are counted in `MaskBatch.fallbacks`; they are the only ones whose context may overlap its
-  targets. Impossible settings (a grid or context block smaller than `min_keep`) raise at construction.
+  samples are counted in `MaskBatch.fallbacks` (a Python int, computed here on the CPU, so logging it
+  reads nothing from the device); they are the only ones whose context may overlap its targets.
+  Settings that can never give a valid context raise at construction: `min_keep < 1` (an empty context
+  gives the encoder nothing to predict from), a grid with fewer than `min_keep` patches left beside the
+  smallest target block, or a context block smaller than `min_keep`.
 - Randomness comes only from a `torch.Generator` seeded from (seed, step), so a batch's masks are the
   same in the main process, in any DataLoader worker and after resuming. In multi-process training,
   give each rank its own seed (e.g. `seed + rank`) so ranks draw different masks.
@@ -95,6 +98,18 @@ def block_dims(grid: Grid, scale: float, aspect: float) -> Grid:
     return min(max(h, 1), height), min(max(w, 1), width)
 
 
+def smallest_block(grid: Grid, scale: float, aspect: tuple[float, float]) -> int:
+    """Fewest patches `block_dims(grid, scale, a)` gives for any aspect a in `aspect` (exact: the
+    rounded height and width only change where sqrt(area * a) or sqrt(area / a) crosses k + 1/2)."""
+    lo, hi = aspect
+    area = scale * grid[0] * grid[1]
+    candidates = {lo, hi}
+    for k in range(max(grid) + 1):
+        for a in ((k + 0.5) ** 2 / area, area / (k + 0.5) ** 2):
+            candidates.update(x for x in (a * (1 - 1e-9), a * (1 + 1e-9)) if lo <= x <= hi)
+    return min(h * w for h, w in (block_dims(grid, scale, a) for a in candidates))
+
+
 def _lerp(lo_hi: tuple[float, float], u: float) -> float:
     return lo_hi[0] + u * (lo_hi[1] - lo_hi[0])
 
@@ -118,6 +133,7 @@ class MaskBatch:
     target_block: Grid = (0, 0)               # (h, w) shared by every target block of this batch
     context_block: Optional[Grid] = None      # (h, w) of the context block ("block" mode)
     fallbacks: int = 0                         # samples whose context needed the min_keep fallback
+    fallback_rows: tuple[int, ...] = ()        # which samples those are (so a slice keeps its own count)
 
     _TENSORS = ("context_index", "context_cu", "target_index", "target_cu")
 
@@ -151,9 +167,10 @@ class MaskBatch:
         m = self.num_targets
         c0, c1 = int(self.context_cu[start]), int(self.context_cu[stop])
         t0, t1 = int(self.target_cu[start * m]), int(self.target_cu[stop * m])
+        rows = tuple(r - start for r in self.fallback_rows if start <= r < stop)
         return replace(self, context_index=self.context_index[c0:c1], context_cu=self.context_cu[start:stop + 1] - c0,
                        target_index=self.target_index[t0:t1], target_cu=self.target_cu[start * m:stop * m + 1] - t0,
-                       batch_size=stop - start)
+                       batch_size=stop - start, fallbacks=len(rows), fallback_rows=rows)
 
     def dense_context(self) -> torch.Tensor:
         """[B, N] bool: True where a patch is in the sample's context."""
@@ -174,6 +191,13 @@ class MaskBatch:
         tgt = _truncate(self.target_index, self.target_cu, self.batch_size * self.num_targets)
         tgt = tgt.view(self.batch_size, self.num_targets, -1)
         return [enc], [tgt[:, j] for j in range(self.num_targets)]
+
+    def truncated(self) -> "MaskBatch":
+        """The I-JEPA-truncated form (`to_ijepa`) packed again, keeping the block sizes and the
+        fallback count (the same samples still had their context relaxed)."""
+        packed = MaskBatch.from_ijepa(*self.to_ijepa(), grid=self.grid)
+        return replace(packed, target_block=self.target_block, context_block=self.context_block,
+                       fallbacks=self.fallbacks, fallback_rows=self.fallback_rows)
 
     @classmethod
     def from_ijepa(cls, masks_enc: Sequence[torch.Tensor], masks_pred: Sequence[torch.Tensor],
@@ -279,7 +303,8 @@ class MultiBlockMaskSampler:
         self.context_mode = context_mode
         self.context_scale = _check_range(context_scale, "context_scale", upper=1.0)
         self.context_aspect = _check_range(context_aspect, "context_aspect")
-        self.min_keep = _check_int(min_keep, "min_keep", 0)
+        # An empty context would leave the encoder nothing to predict from: at least one patch.
+        self.min_keep = _check_int(min_keep, "min_keep", 1)
         if not isinstance(allow_overlap, bool):
             raise TypeError(f"allow_overlap: expected a bool, got {type(allow_overlap).__name__}")
         if allow_overlap and context_mode == "complement":
@@ -294,6 +319,15 @@ class MultiBlockMaskSampler:
         if n < self.min_keep:
             raise ValueError(f"min_keep: {self.min_keep} context patches cannot fit a {self.grid[0]}x{self.grid[1]} "
                              f"grid of {n} patches (lower min_keep or use a larger grid)")
+        # The targets cover at least one target block, so no draw can leave more than N minus its
+        # smallest size to the context; below min_keep every sample would take the fallback (a
+        # context overlapping its targets, silently), so such a sampler is refused outright.
+        room = n - self.smallest_target_block()
+        if room < self.min_keep and not allow_overlap:
+            raise ValueError(f"min_keep: a {self.grid[0]}x{self.grid[1]} patch grid (crop size / patch size) leaves "
+                             f"at most {room} context patches beside the smallest target block "
+                             f"(target_scale={self.target_scale}), fewer than min_keep={self.min_keep}; use a "
+                             f"larger crop or a smaller patch size, smaller targets, or a lower min_keep")
         if context_mode == "block":
             smallest = self.smallest_context_block()
             if smallest < self.min_keep:
@@ -307,9 +341,11 @@ class MultiBlockMaskSampler:
 
     def smallest_context_block(self) -> int:
         """Fewest patches a context block can have (its area is smallest at the lowest scale)."""
-        lo, hi = self.context_aspect
-        aspects = [lo + (hi - lo) * k / 256 for k in range(257)]
-        return min(h * w for h, w in (block_dims(self.grid, self.context_scale[0], a) for a in aspects))
+        return smallest_block(self.grid, self.context_scale[0], self.context_aspect)
+
+    def smallest_target_block(self) -> int:
+        """Fewest patches a target block can have."""
+        return smallest_block(self.grid, self.target_scale[0], self.target_aspect)
 
     def block_sizes(self, step: int) -> tuple[Grid, Grid]:
         """(target block (h, w), context block (h, w)) of the batch at `step`."""
@@ -368,7 +404,7 @@ class MultiBlockMaskSampler:
             targets = _rect_index(t_top, t_left, t_size, W)
             context = self._context(targets, c_top, c_left, c_size, M)
             short = context.sum(1) < self.min_keep
-        fallbacks = int(short.sum())
+        fallback_rows = tuple(np.flatnonzero(short).tolist())  # NumPy on the CPU: no device read
         for keep in range(M - 1, -1, -1):
             if not short.any():
                 break
@@ -383,7 +419,8 @@ class MultiBlockMaskSampler:
         tgt_cu = np.arange(batch_size * M + 1, dtype=np.int32) * np.int32(block)
         return MaskBatch(torch.from_numpy(ctx_index), torch.from_numpy(ctx_cu),
                          torch.from_numpy(targets.reshape(-1).astype(np.int32)), torch.from_numpy(tgt_cu),
-                         batch_size, M, (H, W), t_size, c_size if self.context_mode == "block" else None, fallbacks)
+                         batch_size, M, (H, W), t_size, c_size if self.context_mode == "block" else None,
+                         len(fallback_rows), fallback_rows)
 
     def __repr__(self) -> str:
         return (f"MultiBlockMaskSampler(grid={self.grid}, num_targets={self.num_targets}, "

@@ -1,6 +1,8 @@
 """MultiBlockMaskSampler / MaskBatch: property tests (bounds, block shapes, disjointness, min_keep,
 determinism), coverage of the whole grid, I-JEPA parity of the truncated form, and argument checks."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,7 +42,7 @@ def sampler_configs(draw):
     ahi = draw(st.floats(alo, 3.0))
     mode = draw(st.sampled_from(["complement", "block"]))
     cfg = dict(grid=(height, width), num_targets=draw(st.integers(1, 5)), target_scale=(lo, hi),
-               target_aspect=(alo, ahi), context_mode=mode, min_keep=draw(st.integers(0, 6)),
+               target_aspect=(alo, ahi), context_mode=mode, min_keep=draw(st.integers(1, 6)),
                seed=draw(st.integers(0, 2**40)))
     if mode == "block":
         clo = draw(st.floats(0.5, 1.0))
@@ -53,8 +55,8 @@ def sampler_configs(draw):
 def test_sampler_properties(cfg, batch, step):
     try:
         sampler = MultiBlockMaskSampler(**cfg)
-    except ValueError as exc:  # the only refusal: a context block that cannot hold min_keep patches
-        assert "min_keep" in str(exc)
+    except ValueError as exc:  # the only refusals: min_keep patches cannot fit the context block or
+        assert "min_keep" in str(exc)  # beside the smallest target block
         return
     out = sampler.sample(batch, step)
     (H, W), M, N = sampler.grid, sampler.num_targets, H_W(sampler)
@@ -160,6 +162,62 @@ def test_small_grid_terminates_with_counted_fallbacks():
     MultiBlockMaskSampler(6, context_mode="block").sample(32, 0)
 
 
+def overlapping_rows(masks):
+    """Samples whose context shares a patch with one of their targets (what the fallback allows)."""
+    overlap = (masks.dense_context() & masks.dense_targets().any(1)).any(1)
+    return tuple(overlap.nonzero().squeeze(1).tolist())
+
+
+def test_fallbacks_are_the_overlapping_samples_and_survive_slicing(seed):
+    """The count is exact (the samples whose context had to overlap their targets, nothing else), a
+    rank's slice carries its own share, and the I-JEPA-truncated form keeps it."""
+    sampler = MultiBlockMaskSampler(4, target_scale=(0.3, 0.4), min_keep=10, max_tries=2, seed=seed)
+    total = 0
+    for step in range(6):
+        out = sampler.sample(16, step)
+        assert isinstance(out.fallbacks, int) and out.fallback_rows == overlapping_rows(out)
+        assert out.fallbacks == len(out.fallback_rows)
+        total += out.fallbacks
+        part = out.slice(5, 12)
+        assert part.fallback_rows == overlapping_rows(part) and part.fallbacks == len(part.fallback_rows)
+        short = out.truncated()
+        assert (short.fallbacks, short.fallback_rows) == (out.fallbacks, out.fallback_rows)
+        assert (short.target_block, short.context_block) == (out.target_block, out.context_block)
+    assert total > 0
+    roomy = MultiBlockMaskSampler(14, seed=seed).sample(32, 0)
+    assert roomy.fallbacks == 0 and overlapping_rows(roomy) == ()
+
+
+@pytest.mark.parametrize("ragged", [True, False])
+def test_rank_masks_report_their_own_fallbacks(seed, ragged):
+    from iwm.train import RankMasks
+
+    sampler = MultiBlockMaskSampler(4, target_scale=(0.3, 0.4), min_keep=10, max_tries=1, seed=seed)
+    for step in range(3):
+        full = sampler.sample(16, step)
+        got = RankMasks(sampler, 16, 1, 8, ragged)(step)
+        assert got.fallbacks == sum(1 for r in full.fallback_rows if r >= 8)
+
+
+@pytest.mark.slow
+def test_mask_fallbacks_reach_metrics_jsonl(tmp_path):
+    """A 4x4 grid with min_keep=12 forces fallbacks; each step's row says how many."""
+    from iwm.config import load_config
+    from iwm.train import Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "tiny.yaml", [
+        f"logging.folder={tmp_path}", "data.crop_size=32", "mask.patch_size=8", "data.batch_size=8",
+        "data.builtin_samples=16", "data.num_workers=0", "eval.at_end=false", "logging.tensorboard=false",
+        "logging.checkpoint_every=0", "meta.use_bfloat16=false", "mask.min_keep=12", "optimization.max_steps=1",
+        "optimization.warmup=1"])
+    trainer = Trainer(cfg, log=lambda *a, **k: None)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    want = [trainer.masks.sample(8, 0).fallbacks]
+    assert [r["mask_fallbacks"] for r in rows] == want and sum(want) > 0
+
+
 def test_to_ijepa_truncates_like_ijepa():
     sampler = MultiBlockMaskSampler(14, context_mode="block", seed=3)
     out = sampler.sample(16, 7)
@@ -193,7 +251,9 @@ def test_same_masks_in_dataloader_workers():
     sampler = MultiBlockMaskSampler(8, seed=11)
     loader = torch.utils.data.DataLoader(list(range(12)), batch_size=4, num_workers=2,
                                          collate_fn=StepCollate(sampler), multiprocessing_context="spawn")
-    for step, (got_index, got_cu) in enumerate(loader):
+    batches = list(loader)
+    assert len(batches) == 3
+    for step, (got_index, got_cu) in enumerate(batches):
         want = sampler.sample(4, step)
         assert torch.equal(got_index, want.context_index) and torch.equal(got_cu, want.context_cu)
 
@@ -222,11 +282,25 @@ class StepCollate:
     (dict(grid=3, min_keep=10), "min_keep"),
     (dict(grid=14, context_mode="block", context_scale=(0.01, 0.02), min_keep=10), "min_keep"),
     (dict(grid=14, min_keep=-1), "min_keep"),
+    (dict(grid=14, min_keep=0), "min_keep"),  # an empty context
+    (dict(grid=1, min_keep=1), r"1x1 patch grid.*min_keep=1"),  # the target takes the only patch
+    (dict(grid=2, target_scale=(0.5, 0.6), target_aspect=(1.5, 2.0), min_keep=3),  # 2x1 targets
+     r"2x2 patch grid.*at most 2 context patches"),
+    (dict(grid=3, context_mode="block", context_scale=(1.0, 1.0), target_scale=(0.4, 0.45),
+          target_aspect=(1.0, 1.0), min_keep=6), r"3x3 patch grid.*at most 5 context patches"),
     (dict(grid=14, seed=1.5), "seed"),
 ])
 def test_sampler_argument_errors(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         MultiBlockMaskSampler(**kwargs)
+
+
+def test_overlapping_block_context_needs_no_room_beside_the_targets():
+    """With allow_overlap the context block may hold the targets, so only its own size is checked."""
+    sampler = MultiBlockMaskSampler(3, context_mode="block", context_scale=(1.0, 1.0), target_scale=(0.4, 0.45),
+                                    target_aspect=(1.0, 1.0), min_keep=6, allow_overlap=True)
+    out = sampler.sample(4, 0)
+    assert out.fallbacks == 0 and out.context_lengths().tolist() == [9] * 4
 
 
 def test_sample_argument_errors():
