@@ -288,8 +288,12 @@ struct Prepared {
 Prepared prepare(const at::Tensor& x, const at::Tensor& index, const std::optional<at::Tensor>& cu_seqlens,
                  int64_t row_len, int64_t num_seqs, const std::optional<at::Tensor>& pos,
                  const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x: expected [B, N, D] with contiguous features");
+  // A stride on a size-1 dim is meaningless (torch calls such a tensor contiguous whatever it is): with
+  // D == 1 only element 0 of each row is read.
+  TORCH_CHECK(x.dim() == 3 && (x.stride(2) == 1 || x.size(2) == 1), "x: expected [B, N, D] with contiguous features");
   TORCH_CHECK(index.dim() == 1 && index.is_contiguous(), "index: expected a contiguous 1-D tensor");
+  TORCH_CHECK(x.size(1) > 0 || index.numel() == 0, "x: the token axis (dim 1) is empty, but index has ",
+              index.numel(), " indices into it");
   TORCH_CHECK(index.scalar_type() == at::kInt || index.scalar_type() == at::kLong, "index: int32 or int64");
   const int64_t D = x.size(2);
   const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 // The per-pixel loops are written branch-free so that they vectorise. GCC if-converts a select only when
@@ -43,7 +44,7 @@ constexpr float kInv6 = static_cast<float>(1.0 / 6.0);
 
 inline float maxf(float a, float b) { return a > b ? a : b; }
 inline float minf(float a, float b) { return a < b ? a : b; }
-inline float clamp01(float x) { return minf(maxf(x, 0.0f), 1.0f); }
+inline float clamp01(float x) { return minf(maxf(x, 0.0f), 1.0f); }  // maps NaN to 0: see kNaN
 inline float gray_of(float r, float g, float b) { return 0.299f * r + 0.587f * g + 0.114f * b; }
 
 template <typename In>
@@ -57,6 +58,14 @@ inline void load_plane_row<uint8_t>(const uint8_t* __restrict src, float* __rest
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * kInv255;
 }
+
+// NaN semantics are torch's (the reference's, torchvision's): clamp, min and max pass a NaN on, so a NaN
+// after brightness (a NaN pixel, or 0 * inf) makes the image's contrast mean NaN, and (1 - f) * mean then
+// makes every pixel of the image NaN, whatever the other parameters: corrupt input stays visible instead of
+// being clamped to 0. The per-pixel loops keep the NaN-dropping clamp01 above (one maxps/minps: a
+// NaN-propagating select form stops them vectorising, 3x slower); instead the mean pass flags NaNs and
+// chain_row writes such an image as NaN outright, which is exactly what the reference computes.
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 struct View {
   float bright, contrast, sat, hue, gray, sigma, sol, thr;
@@ -109,6 +118,12 @@ IWM_MULTIVERSION void hue_row(float* __restrict r, float* __restrict g, float* _
 // brightness -> contrast -> saturation -> hue -> grayscale, in place on one row of each channel.
 IWM_MULTIVERSION void chain_row(float* __restrict r, float* __restrict g, float* __restrict b, int64_t n, const View& p,
                float gray_mean) {
+  if (gray_mean != gray_mean) {  // a NaN after brightness somewhere in the image (see kNaN)
+    std::fill(r, r + n, kNaN);
+    std::fill(g, g + n, kNaN);
+    std::fill(b, b + n, kNaN);
+    return;
+  }
   const float fb = p.bright, fc = p.contrast, kc = (1.0f - p.contrast) * gray_mean, fs = p.sat,
               ks = 1.0f - p.sat;
 #pragma omp simd
@@ -176,18 +191,24 @@ void run(const Problem& pr, const In* img, Out* out) {
     for (int64_t b = lo; b < hi; ++b) {
       const In* base = img + b * 3 * HW;
       double acc[2] = {0.0, 0.0};
+      bool has_nan[2] = {false, false};
       for (int64_t y = 0; y < H; ++y) {
         for (int c = 0; c < 3; ++c) load_plane_row(base + c * HW + y * W, row.data() + c * W, W);
         for (int64_t v = 0; v < V; ++v) {
           const float f = pr.params[(v * B + b) * kNumParams + 0];
-          float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t x = 0; x < W; ++x)
-            s += gray_of(clamp01(f * row[x]), clamp01(f * row[W + x]), clamp01(f * row[2 * W + x]));
+          float s = 0.0f, nans = 0.0f;
+#pragma omp simd reduction(+ : s, nans)
+          for (int64_t x = 0; x < W; ++x) {
+            const float r = f * row[x], g = f * row[W + x], bl = f * row[2 * W + x];
+            s += gray_of(clamp01(r), clamp01(g), clamp01(bl));
+            nans += ((r != r) | (g != g) | (bl != bl)) ? 1.0f : 0.0f;
+          }
           acc[v] += s;
+          has_nan[v] = has_nan[v] || nans > 0.0f;
         }
       }
-      for (int64_t v = 0; v < V; ++v) gray_mean[v * B + b] = static_cast<float>(acc[v] / static_cast<double>(HW));
+      for (int64_t v = 0; v < V; ++v)
+        gray_mean[v * B + b] = has_nan[v] ? kNaN : static_cast<float>(acc[v] / static_cast<double>(HW));
     }
   });
 

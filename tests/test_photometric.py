@@ -40,7 +40,8 @@ def make_images(shape, dtype, gen):
     return x.to(dtype)
 
 
-def assert_matches_reference(got, images, params, out_dtype, mean=IMAGENET_MEAN, std=IMAGENET_STD, tol=None):
+def assert_matches_reference(got, images, params, out_dtype, mean=IMAGENET_MEAN, std=IMAGENET_STD, tol=None,
+                             equal_nan=False):
     """got [B, 3, H, W] against the reference view, ignoring pixels within 1e-5 of a solarise threshold
     (a discontinuity: an ulp either side flips the pixel)."""
     want = reference.photometric(images, params, mean, std, out_dtype)
@@ -51,7 +52,7 @@ def assert_matches_reference(got, images, params, out_dtype, mean=IMAGENET_MEAN,
     near = ((pre - thr).abs() < 1e-5) & (params[:, 6].reshape(-1, 1, 1, 1) != 0)
     atol, rtol = tol or TOL[out_dtype]
     assert got.dtype == out_dtype and got.shape == want.shape
-    torch.testing.assert_close(got[~near].float(), want[~near].float(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(got[~near].float(), want[~near].float(), atol=atol, rtol=rtol, equal_nan=equal_nan)
     assert near.float().mean() < 0.25  # the comparison is not vacuous
 
 
@@ -129,6 +130,32 @@ def test_empty_batch(backend):
     assert src.shape == (0, 3, 4, 4) and tgt.shape == (0, 3, 4, 4)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_pixels_match_reference(backend, in_dtype, out_dtype, seed):
+    """NaN propagates as in torch (the reference): a NaN pixel makes its image's contrast mean NaN, so the
+    whole image comes out NaN on every backend (not clamped to 0 on some); +-inf pixels are clamped like
+    any other value (0 * inf, brightness 0, is NaN). The other images are untouched."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, h, w = 6, 7, 9
+    images = make_images((batch, 3, h, w), in_dtype, gen)
+    flat = images.view(batch, -1)
+    for b, value in [(0, float("nan")), (1, float("inf")), (2, float("-inf")), (3, float("nan"))]:
+        where = torch.randint(0, 3 * h * w, (2,), generator=gen)
+        flat[b, where] = value
+    flat[3, int(torch.randint(0, 3 * h * w, (1,), generator=gen))] = float("inf")
+    params = random_params(batch, gen)
+    params[0, 3] = 0.3                     # the NaN image through the hue path
+    params[3, 5] = 1.5                     # and through the blur
+    params[1, 0], params[2, 0] = 0.0, 1.3  # 0 * inf: NaN; -inf * 1.3: clamped to 0
+    got = iwm_kernels.photometric(images, params, out_dtype=out_dtype, backend=backend)
+    assert_matches_reference(got, images, params, out_dtype, equal_nan=True)
+    assert got[0].isnan().all() and got[1].isnan().all() and got[3].isnan().all()
+    assert not got[2].isnan().any() and not got[4:].isnan().any()
+
+
 def test_blur_plan():
     ps = pack_params(3, blur_sigma=torch.tensor([0.0, 2.0, 0.5]))
     pt = pack_params(3, blur_sigma=torch.tensor([1.0, 0.0, 0.0]))
@@ -137,6 +164,45 @@ def test_blur_plan():
     assert plan.slot_row.tolist() == [1, 2, 3]
     assert plan.taps.shape == (3, 13)  # common window: ceil(3 * 2.0) = 6 taps each side
     torch.testing.assert_close(plan.taps.sum(1), torch.ones(3))
+
+
+@pytest.mark.parametrize("on_cuda", [True, False])
+def test_triton_launch_grids_fit_cuda_limits(on_cuda):
+    """CUDA allows 2^31 - 1 blocks on grid x but 65535 on y and z: a (B, chunks) grid broke above 8192 x 8192
+    pixels. Every grid is 1-D now and covers its work exactly, for any image that fits in memory."""
+    triton_kernels = pytest.importorskip("iwm_kernels.photometric.triton_kernels")
+    from iwm_kernels._validate import MAX_GRID_X
+
+    for batch, h, w in [(1, 8193, 8193), (1, 65536, 65536), (1, 1, 2**31 + 7), (2**31 // 4, 1, 1),
+                        (4096, 224, 224), (3, 13, 17), (1, 1, 1)]:
+        for slots in (0, 1, 2 * batch):
+            g = triton_kernels.launch_grids(batch, h, w, slots, on_cuda)
+            assert len(g.pixels) == 1 and 0 < g.pixels[0] <= MAX_GRID_X
+            assert g.n_chunks * g.block >= h * w > (g.n_chunks - 1) * g.block
+            assert g.pixels[0] == batch * g.n_chunks
+            if slots:
+                n_row_blocks = -(-(slots * 3 * h) // g.block_r)
+                assert len(g.blur) == 1 and 0 < g.blur[0] <= MAX_GRID_X
+                assert g.blur[0] == n_row_blocks * -(-w // g.block_w)
+            else:
+                assert g.blur == ()
+    with pytest.raises(ValueError, match="images: too large for one kernel launch"):
+        triton_kernels.launch_grids(2**40, 64, 64, 0, on_cuda)
+
+
+@pytest.mark.slow
+def test_triton_many_tiles_against_reference(seed):
+    """Dozens of (image, chunk) tiles and of blur tiles per launch under the interpreter (ragged edges in
+    both directions), against the reference."""
+    if "triton" not in FAST:
+        pytest.skip("triton not available")
+    gen = torch.Generator().manual_seed(seed)
+    images = make_images((2, 3, 37, 75), torch.uint8, gen)
+    ps, pt = random_params(2, gen, extremes=False), random_params(2, gen, extremes=False, blur=False)
+    ps[:, 5] = torch.tensor([0.0, 1.2])
+    src, tgt = iwm_kernels.photometric_two_view(images, ps, pt, backend="triton")
+    assert_matches_reference(src, images, ps, torch.float32)
+    assert_matches_reference(tgt, images, pt, torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -27,7 +27,7 @@ import torch
 
 from .._backend import resolve_backend
 from .._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_cu_seqlens, check_eps, check_index_values,
-                         check_tensor, clamp_cu_seqlens, clamp_index)
+                         check_tensor, check_token_axis, clamp_cu_seqlens, clamp_index)
 from . import reference
 
 __all__ = ["gather_tokens", "apply_masks", "run_forward", "run_backward"]
@@ -62,6 +62,7 @@ def _check_args(x, index, cu_seqlens, pos, bias, normalize) -> int:
         raise ValueError(f"x: batch {x.shape[0]} must be 1 (one x shared by every sample) or match the "
                          f"{num_seqs} sequences of {'index' if index.dim() == 2 else 'cu_seqlens'}")
     n, d = x.shape[1], x.shape[2]
+    check_token_axis(n, index.numel(), "x", "index")
     if pos is not None:
         check_tensor(pos, "pos", dtypes=FLOAT_DTYPES, ndim=(2, 3), device=x.device)
         if tuple(pos.shape[-2:]) != (n, d) or (pos.dim() == 3 and pos.shape[0] != 1):
@@ -93,8 +94,9 @@ def _check_values(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[tor
         check_cu_seqlens(cu_seqlens, "cu_seqlens", index.numel(), num_seqs=cu_seqlens.numel() - 1)
     starts = None
     if want_order and not shared:
+        # max(.., 1): an empty batch has no segment starts (and torch.arange(1, 0) raises).
         starts = (cu_seqlens[1:-1] if index.dim() == 1
-                  else torch.arange(1, index.shape[0], device=index.device) * index.shape[1])
+                  else torch.arange(1, max(index.shape[0], 1), device=index.device) * index.shape[1])
     return check_index_values(index, "index", x.shape[1], segment_starts=starts, want_order=want_order)
 
 
@@ -297,6 +299,7 @@ def apply_masks(x: torch.Tensor, masks: Sequence[torch.Tensor], *, backend: Opti
         if m.shape[1] != masks[0].shape[1]:
             raise ValueError(f"masks[{j}]: {m.shape[1]} indices per row, masks[0] has {masks[0].shape[1]} "
                              "(the results are concatenated, so every mask needs the same length)")
+    check_token_axis(n, masks[0].numel(), "x", "masks")
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
     chosen = resolve_backend(backend, x.device, "apply_masks", native_devices=_NATIVE_DEVICES)
@@ -314,7 +317,7 @@ def apply_masks(x: torch.Tensor, masks: Sequence[torch.Tensor], *, backend: Opti
         in_order = False
     elif len(masks) == 1:
         want_order = chosen == "triton" and torch.is_grad_enabled() and x.requires_grad
-        rows = torch.arange(1, batch, device=x.device) * k if want_order else None
+        rows = torch.arange(1, max(batch, 1), device=x.device) * k if want_order else None
         in_order = check_index_values(stacked[0], "masks[0]", n, segment_starts=rows, want_order=want_order)
     else:
         try:

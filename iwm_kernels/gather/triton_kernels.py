@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validate import check_grid_x
 from .reference import accumulate_dtype
 
 MAX_FUSED_D = 8192   # widest row kept whole in registers
@@ -193,9 +194,12 @@ def _norm_bwd_kernel(x_ptr, idx_ptr, cu_ptr, pos_ptr, bias_ptr, dy_ptr, ds_ptr,
 @triton.jit
 def _segment_sum_kernel(src_ptr, perm_ptr, offs_ptr, out_ptr, D,
                         HAS_PERM: tl.constexpr, SUM_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """out[d] = sum of src[perm[j]] (or src[j]) for j in [offs[d], offs[d+1]); every out row written."""
-    dest = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    """out[d] = sum of src[perm[j]] (or src[j]) for j in [offs[d], offs[d+1]); every out row written.
+    One program per (destination row, column block), numbered row-major on a 1-D grid."""
+    tile = tl.program_id(0).to(tl.int64)
+    n_col_blocks = tl.cdiv(D, BLOCK_D)
+    dest = tile // n_col_blocks
+    cols = (tile % n_col_blocks) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     first = tl.load(offs_ptr + dest).to(tl.int64)
     last = tl.load(offs_ptr + dest + 1).to(tl.int64)
@@ -224,6 +228,17 @@ def _launch_shape(dim: int, block_d: Optional[int]) -> tuple[int, int, bool, int
     rows = max(1, min(16, 4096 // block))
     warps = 4 if rows * block <= 2048 else 8
     return rows, block, is_whole, warps
+
+
+def row_grid(total: int, rows: int) -> tuple[int]:
+    """Launch grid of the row kernels: one program per `rows` selected rows."""
+    return check_grid_x(triton.cdiv(total, rows), "index")
+
+
+def segment_sum_grid(num_dest: int, dim: int, block: int) -> tuple[int]:
+    """Launch grid of the segment sum: (destination row, column block) tiles on grid x, where wide rows
+    (dim > 65535 * block) and many destinations (B * N rows of dx) both fit."""
+    return check_grid_x(num_dest * triton.cdiv(dim, block), "x")
 
 
 def _row_args(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[torch.Tensor], pos, bias):
@@ -259,7 +274,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[tor
     a = _row_args(x, index, cu_seqlens, pos, bias)
     rows, block, whole, warps = _launch_shape(dim, block_d)
     p, q = a["pos"], a["bias"]
-    _gather_fwd_kernel[(triton.cdiv(total, rows),)](
+    _gather_fwd_kernel[row_grid(total, rows)](
         x, a["flat"], a["cu"], p if p is not None else x, q if q is not None else x, out,
         total, dim, a["row_len"], a["num_seqs"], x.stride(0), x.stride(1),
         p.stride(0) if p is not None else 0, q.stride(0) if q is not None else 0, eps,
@@ -276,7 +291,7 @@ def _segment_sum(src: torch.Tensor, perm: Optional[torch.Tensor], offsets: torch
         return out
     block = min(block_d or 256, triton.next_power_of_2(dim))
     acc = _ACC[accumulate_dtype(out.dtype if out.dtype == torch.float64 else src.dtype)]
-    _segment_sum_kernel[(num_dest, triton.cdiv(dim, block))](
+    _segment_sum_kernel[segment_sum_grid(num_dest, dim, block)](
         src, perm if perm is not None else offsets, offsets, out, dim,
         HAS_PERM=perm is not None, SUM_ROWS=SUM_ROWS, BLOCK_D=block, ACC=acc, num_warps=4)
     return out
@@ -315,7 +330,7 @@ def gather_tokens_backward(grad_out: torch.Tensor, x: torch.Tensor, index: torch
         src = torch.empty(total, dim, dtype=acc_dtype, device=device)
         rows, block, whole, warps = _launch_shape(dim, block_d)
         p, q = a["pos"], a["bias"]
-        _norm_bwd_kernel[(triton.cdiv(total, rows),)](
+        _norm_bwd_kernel[row_grid(total, rows)](
             x, a["flat"], a["cu"], p if p is not None else x, q if q is not None else x, grad, src,
             total, dim, a["row_len"], a["num_seqs"], x.stride(0), x.stride(1),
             p.stride(0) if p is not None else 0, q.stride(0) if q is not None else 0, eps,

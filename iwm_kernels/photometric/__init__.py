@@ -18,7 +18,7 @@ Public entries:
 
 The semantics are `reference.py`'s per-transform chain (torchvision's formulas). The fast backends:
   1. a reduction pass: each view's mean gray value after brightness (contrast needs it), in per-chunk
-     partial sums that the next pass adds up (no atomics, so results are deterministic);
+     partial sums added up in a fixed order (no atomics, so results are deterministic);
   2. one fused pass: read each pixel once, apply brightness -> contrast -> saturation -> hue ->
      grayscale -> solarise -> normalise for every view, write each view once;
   3. only for (view, image) pairs with sigma > 0: pass 2 writes the pre-blur image to an fp32 scratch

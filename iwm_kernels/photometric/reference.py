@@ -19,6 +19,12 @@ divisor anyway), so the kernels can repeat the exact same roundings. The chain o
 brightness -> contrast -> saturation -> hue -> grayscale -> blur -> solarise -> normalise, and identity
 parameters (1, 1, 1, 0, no grayscale, sigma 0, no solarise) leave the image bit-for-bit unchanged.
 
+NaN pixels propagate, as in every torch op used here (torch.clamp keeps a NaN) and so in torchvision: a NaN
+after brightness (a NaN pixel, or 0 * inf) makes the image's contrast mean NaN, and (1 - f) * mean then
+turns the whole image NaN, even at f = 1. The kernels do exactly this rather than clamp NaN to 0, so corrupt
+data shows up in the loss instead of training silently on black pixels. +-inf pixels are clamped like any
+other out-of-range value.
+
 Packed parameters (`[B, NUM_PARAMS]` float32, one row per image, layout in `iwm_kernels.photometric`):
 see PARAM_* below.
 """

@@ -1,22 +1,30 @@
 """Triton photometric augmentation (imported only when the triton backend runs).
 
 Launches, for V views of B images of H x W pixels:
-  _gray_partial_kernel   grid (B, chunks): per view, partial sums of gray(brightness(x)) per chunk
-  _photometric_kernel    grid (B, chunks): read a chunk of RGB once, every view's chain, write each view
+  _gray_partial_kernel   (image, chunk) tiles: per view, partial sums of gray(brightness(x)) per chunk,
+                         added up per (view, image) by one torch sum (a fixed order: deterministic)
+  _photometric_kernel    (image, chunk) tiles: read a chunk of RGB once, every view's chain, write each view
                          (or, for a blurred (view, image) pair, its pre-blur fp32 image to a scratch slot)
-  _blur_rows_kernel      grid (tiles of the slots * 3 * H rows, col blocks): horizontal taps, scratch -> tmp
-  _blur_cols_kernel      grid (same tiles): vertical taps, solarise, normalise -> output
-The blur launches run only when some pair blurs. Arithmetic is fp32 throughout; offsets that can pass
-2^31 (image and output bases) are int64.
+  _blur_rows_kernel      (row block, col block) tiles of the slots * 3 * H rows: horizontal taps, scratch -> tmp
+  _blur_cols_kernel      (same tiles): vertical taps, solarise, normalise -> output
+Every grid is 1-D, its tiles numbered row-major: CUDA allows 2^31 - 1 blocks on grid x but only 65535 on
+y and z, a limit a (B, chunks) grid broke above 8192 x 8192 pixels (`launch_grids` computes them). The blur
+launches run only when some pair blurs. Arithmetic is fp32 throughout; pixel offsets are int64, so images
+past 2^31 pixels work.
+
+NaN pixels propagate as in torch and the reference (min/max/clamp with NaN give NaN): a NaN makes the
+contrast mean NaN, hence its whole image, instead of being silently clamped to 0.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from .._validate import check_grid_x
 from .reference import NUM_PARAMS
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -24,7 +32,18 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 @triton.jit
 def _clamp01(x):
-    return tl.minimum(tl.maximum(x, 0.0), 1.0)
+    # torch.clamp's NaN semantics (the reference's): NaN stays NaN.
+    return tl.minimum(tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max3(a, b, c):
+    return tl.maximum(tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL), c, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min3(a, b, c):
+    return tl.minimum(tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL), c, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -47,8 +66,8 @@ def _gray(r, g, b):
 @triton.jit
 def _adjust_hue(r, g, b, shift):
     # torchvision's RGB -> HSV -> RGB, hue rotated by `shift` with wrap-around; shift 0 leaves x as is.
-    maxc = tl.maximum(tl.maximum(r, g), b)
-    minc = tl.minimum(tl.minimum(r, g), b)
+    maxc = _max3(r, g, b)
+    minc = _min3(r, g, b)
     eqc = maxc == minc
     cr = maxc - minc
     s = cr / tl.where(eqc, 1.0, maxc)
@@ -62,6 +81,7 @@ def _adjust_hue(r, g, b, shift):
     h = h + shift
     h = tl.where(h < 0.0, h + 1.0, tl.where(h >= 1.0, h - 1.0, h))  # (h + shift) mod 1
     h6 = h * 6.0
+    h6 = tl.where(h6 >= 0.0, h6, 0.0)  # only a NaN fails; any sector then gives NaN (maxc, p, q, t are NaN)
     i = h6.to(tl.int32)  # h6 >= 0: truncation is floor
     f = h6 - i.to(tl.float32)
     i = tl.where(i >= 6, i - 6, i)
@@ -86,13 +106,19 @@ def _reflect(i, n):
 
 
 @triton.jit
+def _pixel_tile(n_chunks, HW, BLOCK: tl.constexpr):
+    """(image, chunk, pixel offsets, mask) of this program's (image, chunk) tile; int64 throughout."""
+    tile = tl.program_id(0).to(tl.int64)
+    chunk = tile % n_chunks
+    offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    return tile // n_chunks, chunk, offs, offs < HW
+
+
+@triton.jit
 def _gray_partial_kernel(img_ptr, params_ptr, partial_ptr, B, HW, n_chunks,
                          V: tl.constexpr, NP: tl.constexpr, IS_UINT8: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    chunk = tl.program_id(1)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < HW
-    base = b.to(tl.int64) * 3 * HW
+    b, chunk, offs, mask = _pixel_tile(n_chunks, HW, BLOCK)
+    base = b * 3 * HW
     r, g, bl = _load_rgb(img_ptr, base, HW, offs, mask, IS_UINT8)
     for v in tl.static_range(V):
         row = v * B + b
@@ -103,16 +129,12 @@ def _gray_partial_kernel(img_ptr, params_ptr, partial_ptr, B, HW, n_chunks,
 
 
 @triton.jit
-def _photometric_kernel(img_ptr, params_ptr, partial_ptr, slot_ptr, out_ptr, scratch_ptr,
+def _photometric_kernel(img_ptr, params_ptr, gmean_ptr, slot_ptr, out_ptr, scratch_ptr,
                         B, HW, n_chunks, mean0, mean1, mean2, std0, std1, std2,
                         V: tl.constexpr, NP: tl.constexpr, IS_UINT8: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                        NC_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    chunk = tl.program_id(1)
-    offs = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < HW
-    r, g, bl = _load_rgb(img_ptr, b.to(tl.int64) * 3 * HW, HW, offs, mask, IS_UINT8)
-    cidx = tl.arange(0, NC_BLOCK)
+                        BLOCK: tl.constexpr):
+    b, _, offs, mask = _pixel_tile(n_chunks, HW, BLOCK)
+    r, g, bl = _load_rgb(img_ptr, b * 3 * HW, HW, offs, mask, IS_UINT8)
     for v in tl.static_range(V):
         row = v * B + b
         pp = params_ptr + row * NP
@@ -123,8 +145,7 @@ def _photometric_kernel(img_ptr, params_ptr, partial_ptr, slot_ptr, out_ptr, scr
         to_gray = tl.load(pp + 4)
         solar = tl.load(pp + 6)
         thr = tl.load(pp + 7)
-        partial = tl.load(partial_ptr + row * n_chunks + cidx, mask=cidx < n_chunks, other=0.0)
-        gmean = tl.sum(partial, axis=0) / HW
+        gmean = tl.load(gmean_ptr + row)
         # brightness (blend with black)
         x0 = _clamp01(bright * r)
         x1 = _clamp01(bright * g)
@@ -158,23 +179,31 @@ def _photometric_kernel(img_ptr, params_ptr, partial_ptr, slot_ptr, out_ptr, scr
         x1 = tl.where(x1 >= thr, 1.0 - x1, x1)
         x2 = tl.where(x2 >= thr, 1.0 - x2, x2)
         omask = mask & (slot < 0)
-        obase = row.to(tl.int64) * 3 * HW
+        obase = row * 3 * HW
         tl.store(out_ptr + obase + offs, ((x0 - mean0) / std0).to(OUT_DTYPE), mask=omask)
         tl.store(out_ptr + obase + HW + offs, ((x1 - mean1) / std1).to(OUT_DTYPE), mask=omask)
         tl.store(out_ptr + obase + 2 * HW + offs, ((x2 - mean2) / std2).to(OUT_DTYPE), mask=omask)
 
 
 @triton.jit
-def _blur_rows_kernel(src_ptr, dst_ptr, taps_ptr, n_rows, H, W, K, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    # A tile of BLOCK_R image rows (row = slot * 3 * H + c * H + y) x BLOCK_W columns.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _blur_tile(n_rows, W, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    """(rows, row mask, cols, mask) of this program's tile: BLOCK_R image rows (row = slot * 3 * H + c * H
+    + y, clamped to 0 past n_rows) x BLOCK_W columns."""
+    tile = tl.program_id(0).to(tl.int64)
+    n_col_blocks = tl.cdiv(W, BLOCK_W)
+    rows = (tile // n_col_blocks) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     rmask = rows < n_rows
     rows = tl.where(rmask, rows, 0)
+    cols = (tile % n_col_blocks) * BLOCK_W + tl.arange(0, BLOCK_W).to(tl.int64)
+    return rows, rmask, cols, rmask[:, None] & (cols < W)[None, :]
+
+
+@triton.jit
+def _blur_rows_kernel(src_ptr, dst_ptr, taps_ptr, n_rows, H, W, K, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+    rows, rmask, cols, mask = _blur_tile(n_rows, W, BLOCK_R, BLOCK_W)
     slot = rows // (3 * H)
-    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask = rmask[:, None] & (cols < W)[None, :]
     radius = (K - 1) // 2
-    base = rows.to(tl.int64)[:, None] * W
+    base = rows[:, None] * W
     acc = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
     for k in range(0, K):
         w = tl.load(taps_ptr + slot * K + k, mask=rmask, other=0.0)
@@ -187,21 +216,17 @@ def _blur_rows_kernel(src_ptr, dst_ptr, taps_ptr, n_rows, H, W, K, BLOCK_R: tl.c
 def _blur_cols_kernel(src_ptr, out_ptr, taps_ptr, slot_row_ptr, params_ptr, n_rows, H, W, K,
                       mean0, mean1, mean2, std0, std1, std2,
                       NP: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # slot * 3 * H + c * H + y
-    rmask = rows < n_rows
-    rows = tl.where(rmask, rows, 0)
+    rows, rmask, cols, mask = _blur_tile(n_rows, W, BLOCK_R, BLOCK_W)
     slot = rows // (3 * H)
     c = (rows // H) % 3
     y = rows % H
-    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    mask = rmask[:, None] & (cols < W)[None, :]
     radius = (K - 1) // 2
-    plane = (slot * 3 + c).to(tl.int64) * H * W
+    plane = (slot * 3 + c) * H * W
     acc = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
     for k in range(0, K):
         w = tl.load(taps_ptr + slot * K + k, mask=rmask, other=0.0)
         yy = _reflect(y + (k - radius), H)
-        src = src_ptr + (plane + yy.to(tl.int64) * W)[:, None] + cols[None, :]
+        src = src_ptr + (plane + yy * W)[:, None] + cols[None, :]
         acc += w[:, None] * tl.load(src, mask=mask, other=0.0)
     prow = tl.load(slot_row_ptr + slot, mask=rmask, other=0)  # the (view, image) pair: v * B + b
     solar = tl.load(params_ptr + prow * NP + 6, mask=rmask, other=0.0)
@@ -210,8 +235,32 @@ def _blur_cols_kernel(src_ptr, out_ptr, taps_ptr, slot_row_ptr, params_ptr, n_ro
     x = tl.where(acc >= thr[:, None], 1.0 - acc, acc)
     m = tl.where(c == 0, mean0, tl.where(c == 1, mean1, mean2))
     s = tl.where(c == 0, std0, tl.where(c == 1, std1, std2))
-    out = out_ptr + ((prow * 3 + c).to(tl.int64) * H * W + y.to(tl.int64) * W)[:, None] + cols[None, :]
+    out = out_ptr + ((prow.to(tl.int64) * 3 + c) * H * W + y * W)[:, None] + cols[None, :]
     tl.store(out, ((x - m[:, None]) / s[:, None]).to(OUT_DTYPE), mask=mask)
+
+
+@dataclass(frozen=True)
+class LaunchGrids:
+    """Block sizes and 1-D grids of one photometric call (`launch_grids`)."""
+    block: int        # pixels per (image, chunk) tile
+    n_chunks: int     # chunks per image
+    pixels: tuple     # grid of the gray-partial and photometric kernels
+    block_r: int      # image rows per blur tile
+    block_w: int      # columns per blur tile
+    blur: tuple       # grid of both blur kernels (empty when nothing blurs)
+
+
+def launch_grids(batch: int, height: int, width: int, num_slots: int, on_cuda: bool) -> LaunchGrids:
+    """Every launch's grid, each within CUDA's limits (a ValueError naming `images` past them)."""
+    # Small blocks under the interpreter so tests cover several chunks and ragged tails.
+    block = 1024 if on_cuda else 64
+    n_chunks = triton.cdiv(height * width, block)
+    block_w = min(256, triton.next_power_of_2(width)) if on_cuda else 16
+    block_r = max(1, 1024 // block_w) if on_cuda else 8
+    pixels = check_grid_x(batch * n_chunks, "images")
+    blur = (check_grid_x(triton.cdiv(num_slots * 3 * height, block_r) * triton.cdiv(width, block_w), "images")
+            if num_slots else ())
+    return LaunchGrids(block, n_chunks, pixels, block_r, block_w, blur)
 
 
 def photometric_views(images: torch.Tensor, params: torch.Tensor, plan, mean: Sequence[float],
@@ -225,32 +274,31 @@ def photometric_views(images: torch.Tensor, params: torch.Tensor, plan, mean: Se
     if B == 0:
         return out
     params = params.to(torch.float32).contiguous()
-    # Small blocks under the interpreter so tests cover several chunks and ragged tails.
-    block = 1024 if device.type == "cuda" else 64
-    n_chunks = triton.cdiv(HW, block)
-    partial = torch.empty((V * B * n_chunks,), dtype=torch.float32, device=device)
-    is_uint8 = images.dtype == torch.uint8
-    _gray_partial_kernel[(B, n_chunks)](images, params, partial, B, HW, n_chunks,
-                                        V=V, NP=NUM_PARAMS, IS_UINT8=is_uint8, BLOCK=block, num_warps=4)
     nb = plan.num_slots
+    grids = launch_grids(B, H, W, nb, device.type == "cuda")
+    block, n_chunks = grids.block, grids.n_chunks
+    partial = torch.empty((V * B, n_chunks), dtype=torch.float32, device=device)
+    is_uint8 = images.dtype == torch.uint8
+    _gray_partial_kernel[grids.pixels](images, params, partial, B, HW, n_chunks,
+                                       V=V, NP=NUM_PARAMS, IS_UINT8=is_uint8, BLOCK=block, num_warps=4)
+    # Summed apart, not by every program of the next kernel: that re-read all n_chunks partials per
+    # program (work quadratic in the image size) and needed them in one block (a tensor-size limit).
+    gray_mean = partial.sum(dim=1) / HW
     slot_of = plan.slot_of.to(device)
     scratch = torch.empty((max(nb, 1) * 3 * HW if nb else 1,), dtype=torch.float32, device=device)
     m0, m1, m2 = (float(v) for v in mean)
     s0, s1, s2 = (float(v) for v in std)
-    _photometric_kernel[(B, n_chunks)](images, params, partial, slot_of, out, scratch, B, HW, n_chunks,
-                                       m0, m1, m2, s0, s1, s2, V=V, NP=NUM_PARAMS, IS_UINT8=is_uint8,
-                                       OUT_DTYPE=_TL_DTYPE[out_dtype],
-                                       NC_BLOCK=triton.next_power_of_2(n_chunks), BLOCK=block, num_warps=4)
+    _photometric_kernel[grids.pixels](images, params, gray_mean, slot_of, out, scratch, B, HW, n_chunks,
+                                      m0, m1, m2, s0, s1, s2, V=V, NP=NUM_PARAMS, IS_UINT8=is_uint8,
+                                      OUT_DTYPE=_TL_DTYPE[out_dtype], BLOCK=block, num_warps=4)
     if nb:
         taps = plan.taps.to(device=device, dtype=torch.float32).contiguous()
         K = int(taps.shape[1])
         tmp = torch.empty_like(scratch)
-        block_w = min(256, triton.next_power_of_2(W)) if device.type == "cuda" else 16
-        block_r = max(1, 1024 // block_w) if device.type == "cuda" else 8
         n_rows = nb * 3 * H
-        grid = (triton.cdiv(n_rows, block_r), triton.cdiv(W, block_w))
-        _blur_rows_kernel[grid](scratch, tmp, taps, n_rows, H, W, K, BLOCK_R=block_r, BLOCK_W=block_w, num_warps=4)
-        _blur_cols_kernel[grid](tmp, out, taps, plan.slot_row.to(device), params, n_rows, H, W, K,
-                                m0, m1, m2, s0, s1, s2, NP=NUM_PARAMS, OUT_DTYPE=_TL_DTYPE[out_dtype],
-                                BLOCK_R=block_r, BLOCK_W=block_w, num_warps=4)
+        _blur_rows_kernel[grids.blur](scratch, tmp, taps, n_rows, H, W, K, BLOCK_R=grids.block_r,
+                                      BLOCK_W=grids.block_w, num_warps=4)
+        _blur_cols_kernel[grids.blur](tmp, out, taps, plan.slot_row.to(device), params, n_rows, H, W, K,
+                                      m0, m1, m2, s0, s1, s2, NP=NUM_PARAMS, OUT_DTYPE=_TL_DTYPE[out_dtype],
+                                      BLOCK_R=grids.block_r, BLOCK_W=grids.block_w, num_warps=4)
     return out
