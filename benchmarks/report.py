@@ -30,9 +30,9 @@ import torch
 from .common import Ceilings, Row, device_name, environment, measure_ceilings, set_deadline
 
 # Suites in report order; a suite module exposes run(device, quick, progress) -> list[Row].
-SUITES = ["ema", "gather", "attention", "augment", "step"]
+SUITES = ["ema", "gather", "attention", "augment", "step", "data"]
 # Share of a --time-budget each suite gets (of what is left when it starts, against the suites after it).
-WEIGHTS = {"ema": 1.0, "gather": 1.0, "attention": 1.5, "augment": 1.0, "step": 4.0}
+WEIGHTS = {"ema": 1.0, "gather": 1.0, "attention": 1.5, "augment": 1.0, "step": 4.0, "data": 1.0}
 AUGMENT = "data/augment"  # the step breakdown's phase for the two views (shown as a share of the step)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import math
 import os
 import warnings
@@ -126,9 +127,21 @@ def crop_resize_flip(img: torch.Tensor, box: tuple[int, int, int, int], size: in
 
 @dataclass
 class Sample:
-    image: torch.Tensor  # uint8 [3, S, S]
+    image: torch.Tensor  # uint8 [3, S, S] (zeros while `encoded` waits for the device decode)
     label: int
-    skipped: int = 0     # unreadable files passed over to produce this sample
+    # The dataset index of this sample's own file when that file was unreadable (a stand-in was used);
+    # -1 otherwise. Files only passed over on the way to a stand-in are not reported here: each file is
+    # reported by its own key, so it is counted once per pass over the data (see ImageFolderDataset).
+    unreadable: int = -1
+    # data.decode=gpu: the JPEG's bytes (uint8 1-D) with its crop (top, left, h, w in source pixels) and
+    # flip, decoded on the device by Batch.images_on; None when the worker decoded the image itself.
+    encoded: Optional[torch.Tensor] = None
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    flip: bool = False
+
+    @property
+    def skipped(self) -> int:
+        return int(self.unreadable >= 0)
 
 
 class BuiltinPhotos(Dataset):
@@ -167,12 +180,55 @@ class BuiltinPhotos(Dataset):
         return Sample(crop_resize_flip(region, box, self.size, flip), label)
 
 
+def _sixteen_bit_to_uint8(values: np.ndarray) -> np.ndarray:
+    # The high byte, as Pillow itself reduces 48-bit RGB, 64-bit RGBA and 16-bit LA PNGs: every 16-bit
+    # image then decodes alike, within one level of value / 257.
+    return (np.clip(values, 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+
+
+def image_to_rgb_uint8(im) -> np.ndarray:
+    """uint8 [H, W, 3] of a PIL image in any mode.
+
+    16-bit grayscale ("I;16*", and "I", which older Pillow versions give 16-bit PNGs) is scaled to
+    8 bits; `convert("RGB")` would clip it to 0..255, a nearly white image. Alpha is dropped, not
+    composited, as torchvision's and PIL's RGB loaders (and so I-JEPA's pipeline) do; palette images
+    go through RGBA so their transparency is read without Pillow's warning. CMYK, YCbCr, 1-bit and
+    8-bit gray use Pillow's own conversions (an Adobe-inverted CMYK JPEG is undone by its decoder).
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        gray = _sixteen_bit_to_uint8(np.asarray(im))
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 class ImageFolderDataset(Dataset):
-    """`root/<class>/<image>` directories. An unreadable or corrupt file is skipped (the next readable
-    one stands in), counted in `Sample.skipped`, and reported by the training loop; never fatal."""
+    """`root/<class>/<image>` directories.
+
+    decode: how a file becomes its crop (iwm.image_decode): "draft" (default; a JPEG decoded at the
+    reduced DCT scale its crop allows), "pil" (full decode, the reference) or "gpu" (the sample carries
+    the JPEG's bytes and crop; `Batch.images_on` decodes them on the device). The crop is drawn from
+    the header's size before anything is decoded, so all three take the same crop.
+
+    An unreadable or corrupt file is replaced by the next readable file in order (wrapping around) and
+    reported in `Sample.unreadable`; only a folder with no readable image left is fatal.
+
+    Counting: a bad file is reported only by the key whose index is that file, never by the keys that
+    pass over it looking for a stand-in. The batch order visits each index at most once per epoch and
+    the report depends only on the key, so across workers, ranks and resumes every bad file is counted
+    exactly once per pass over the data, with nothing shared between processes.
+    """
 
     def __init__(self, root: str | Path, size: int, *, seed: int = 0, scale: Sequence[float] = (0.3, 1.0),
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), flip_p: float = 0.5, random_crops: bool = True):
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), flip_p: float = 0.5, random_crops: bool = True,
+                 decode: str = "draft"):
+        from .image_decode import DECODE_MODES
+
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode: expected one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        self.decode_mode = decode
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data.image_folder: {self.root} is not a directory")
@@ -189,6 +245,10 @@ class ImageFolderDataset(Dataset):
             raise FileNotFoundError(f"data.image_folder: no images under {self.root}")
         self.size, self.seed, self.flip_p, self.random_crops = size, seed, float(flip_p), random_crops
         self.scale, self.ratio = tuple(scale), tuple(ratio)
+        # Indices found unreadable in this process: only spares re-decoding them (a long run of bad files
+        # would otherwise be decoded again for every key that walks over it). The choice of stand-in is
+        # the same with or without it, so it needs no sharing between workers.
+        self._known_unreadable: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -198,30 +258,60 @@ class ImageFolderDataset(Dataset):
         from PIL import Image
 
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+            arr = image_to_rgb_uint8(im)
+        return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+    def geometry(self, height: int, width: int, gen: torch.Generator) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box (top, left, h, w) in source pixels and the flip, from the source size alone."""
+        if self.random_crops:
+            box = random_resized_box(height, width, self.scale, self.ratio, gen)
+            return box, self.flip_p > 0 and bool(torch.rand((), generator=gen) < self.flip_p)
+        side = min(height, width)  # evaluation: the centre crop of the shorter side
+        return ((height - side) // 2, (width - side) // 2, side, side), False
+
+    def load(self, file_index: int, gen: torch.Generator) -> Sample:
+        """The sample from one file with the crop drawn from `gen`; raises when the file is unreadable."""
+        from PIL import Image
+
+        from .image_decode import decode_crop_draft, gpu_decodable
+
+        path, label = self.files[file_index]
+        if self.decode_mode == "pil":  # the reference: full decode, crop and resize on a tensor
+            img = self.decode(path)
+            box, flip = self.geometry(img.shape[1], img.shape[2], gen)
+            return Sample(crop_resize_flip(img, box, self.size, flip), label, box=box, flip=flip)
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            box, flip = self.geometry(im.size[1], im.size[0], gen)  # the header's size: nothing decoded yet
+            if self.decode_mode == "gpu" and gpu_decodable(im, data):
+                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                return Sample(torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, encoded=encoded,
+                              box=box, flip=flip)
+            return Sample(decode_crop_draft(im, data, box, self.size, flip), label, box=box, flip=flip)
 
     def __getitem__(self, key) -> Sample:
+        """The sample of the first readable file at or after the key's index, wrapping around."""
         step, index = key if isinstance(key, tuple) else (-1, key)
-        skipped = 0
-        for attempt in range(min(len(self.files), 64)):
-            path, label = self.files[(index + attempt) % len(self.files)]
+        if not 0 <= index < len(self.files):
+            raise IndexError(f"index: {index} is out of range for {len(self.files)} images")
+        n = len(self.files)
+        first_error = None
+        for offset in range(n):
+            file_index = (index + offset) % n
+            if file_index in self._known_unreadable:
+                continue
             try:
-                img = self.decode(path)
-                break
-            except Exception:
-                skipped += 1
-        else:
-            raise RuntimeError(f"data.image_folder: 64 consecutive unreadable files from {path}")
-        gen = generator_for(self.seed, step, index)
-        if self.random_crops:
-            box = random_resized_box(img.shape[1], img.shape[2], self.scale, self.ratio, gen)
-            flip = self.flip_p > 0 and bool(torch.rand((), generator=gen) < self.flip_p)
-        else:  # evaluation: the centre crop of the shorter side
-            side = min(img.shape[1:])
-            box, flip = ((img.shape[1] - side) // 2, (img.shape[2] - side) // 2, side, side), False
-        return Sample(crop_resize_flip(img, box, self.size, flip), label, skipped)
+                # A fresh generator per attempt: the crop depends on (seed, step, index) and the file
+                # that stands in, never on how many bad files were tried first.
+                sample = self.load(file_index, generator_for(self.seed, step, index))
+            except Exception as exc:  # any decoder failure means "unreadable": skip it, never crash
+                self._known_unreadable.add(file_index)
+                first_error = first_error or f"{self.files[file_index][0]}: {type(exc).__name__}: {exc}"
+                continue
+            sample.unreadable = index if file_index != index else -1
+            return sample
+        raise RuntimeError(f"data.image_folder: none of the {n} image files under {self.root} can be read "
+                           f"(tried all {n}, {n} unreadable" + (f"; e.g. {first_error})" if first_error else ")"))
 
 
 class StepBatchSampler(Sampler):
@@ -267,11 +357,28 @@ class Batch:
     images: torch.Tensor        # uint8 [B, 3, S, S]
     labels: torch.Tensor        # int64 [B]
     masks: object               # iwm.masks.MaskBatch for this rank's samples (None without a mask fn)
-    skipped: int
+    skipped: int                # unreadable files reported by this batch's keys (each once per epoch)
+    unreadable_files: tuple[int, ...] = ()  # their dataset indices, sorted (for a run-wide distinct set)
+    # data.decode=gpu: per sample the JPEG bytes still to decode (None where the worker decoded), the
+    # crop boxes int64 [B, 4] (top, left, h, w in source pixels) and flips bool [B]; empty otherwise.
+    encoded: tuple[Optional[torch.Tensor], ...] = ()
+    boxes: Optional[torch.Tensor] = None
+    flips: Optional[torch.Tensor] = None
 
     def pin_memory(self) -> "Batch":
         self.images = self.images.pin_memory()
         return self
+
+    def images_on(self, device: torch.device) -> torch.Tensor:
+        """The uint8 [B, 3, S, S] images on `device`, the encoded ones decoded there (nvJPEG on CUDA; Pillow
+        on the CPU, which the tests use). Images nothing could decode are counted in `skipped`."""
+        images = self.images.to(device, non_blocking=True)
+        if any(e is not None for e in self.encoded):
+            from .image_decode import decode_encoded_on_cpu, decode_on_device
+
+            decode = decode_on_device if images.device.type == "cuda" else decode_encoded_on_cpu
+            self.skipped += decode(images, self.encoded, self.boxes, self.flips)
+        return images
 
 
 class StepCollator:
@@ -283,11 +390,15 @@ class StepCollator:
     def __call__(self, items: list[tuple[int, Sample]]) -> Batch:
         step = items[0][0]
         samples = [s for _, s in items]
+        unreadable = tuple(sorted({s.unreadable for s in samples if s.unreadable >= 0}))
+        encoded = tuple(s.encoded for s in samples) if any(s.encoded is not None for s in samples) else ()
         return Batch(step=step,
                      images=torch.stack([s.image for s in samples]),
                      labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
                      masks=self.mask_fn(step) if self.mask_fn is not None else None,
-                     skipped=sum(s.skipped for s in samples))
+                     skipped=len(unreadable), unreadable_files=unreadable, encoded=encoded,
+                     boxes=torch.tensor([s.box for s in samples], dtype=torch.int64) if encoded else None,
+                     flips=torch.tensor([s.flip for s in samples], dtype=torch.bool) if encoded else None)
 
 
 class KeyedDataset(Dataset):

@@ -57,7 +57,7 @@ report_s=$(( $(left) - 15 ))
 (( report_s < 90 )) && report_s=90
 echo "== benchmark report (quick), at most ${report_s} s  [$(elapsed) s elapsed]"
 timeout --kill-after=10 "$report_s" python3 -m benchmarks.report --device "$device" --quick --out "$out" \
-  --suites step,ema,gather,attention,augment --time-budget $(( report_s - 20 )) 2>&1 \
+  --suites step,ema,gather,attention,augment,data --time-budget $(( report_s - 20 )) 2>&1 \
   | tee "$out/report.log" | grep --line-buffered -v '^|'
 [ "${PIPESTATUS[0]}" = 0 ] || bench=FAILED
 [ -s "$out/report.json" ] || bench=FAILED
