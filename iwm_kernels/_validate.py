@@ -60,6 +60,10 @@ def check_momentum(momentum: object, name: str = "momentum", device: Optional[to
         return float("nan"), momentum
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
         raise TypeError(f"{name}: expected a float or a 0-dim tensor, got {type(momentum).__name__}")
+    if torch.compiler.is_compiling():
+        # torch.compile may trace the number as a symbolic float (math.isfinite cannot be traced):
+        # the op reads the concrete value when it runs and checks it there.
+        return momentum, None  # type: ignore[return-value]
     value = float(momentum)
     if not (math.isfinite(value) and 0.0 <= value <= 1.0):
         raise ValueError(f"{name}: must be finite and within [0, 1], got {value}")
@@ -186,9 +190,30 @@ def check_eps(eps: object, name: str = "eps") -> float:
     return value
 
 
+def check_token_axis(size: int, selected: int, name: str, index_name: str) -> None:
+    """Shape-only (no host sync): a non-empty selection needs a non-empty axis to select from. Without
+    this, clamping unchecked values would map every index to row 0 of an empty axis."""
+    if size == 0 and selected:
+        raise ValueError(f"{name}: the token axis (dim 1) is empty, but {index_name} has {selected} indices into it")
+
+
+# CUDA's grid: x up to 2^31 - 1 blocks, y and z up to 65535. The gather and photometric Triton launches put
+# every axis that grows with the input on x (a 1-D grid, tiles numbered row-major), so only this limit applies.
+MAX_GRID_X = 2**31 - 1
+
+
+def check_grid_x(programs: int, name: str) -> tuple[int]:
+    """A 1-D launch grid of `programs` blocks, or a ValueError naming the input that is too large."""
+    if programs > MAX_GRID_X:
+        raise ValueError(f"{name}: too large for one kernel launch ({programs} blocks, CUDA allows {MAX_GRID_X})")
+    return (max(int(programs), 0),)
+
+
 def clamp_index(index: torch.Tensor, upper: int) -> torch.Tensor:
     """Index values forced into [0, upper): what an op runs on when its caller skipped the value checks
     (no host round trip; wrong values give wrong rows, never an out-of-bounds access)."""
+    if upper < 1 and index.numel():
+        raise ValueError(f"index: {index.numel()} indices into an empty axis (nothing to clamp them to)")
     return index.clamp(0, max(upper - 1, 0))
 
 

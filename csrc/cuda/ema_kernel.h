@@ -21,8 +21,10 @@ struct IwmEmaLaunch {
   int64_t chunk;
   int target_dtype;
   int online_dtype;
-  float momentum;
-  const float* momentum_ptr;  // nullptr: use `momentum`
+  double momentum;                // used when both momentum pointers are null (validated on the host)
+  const float* momentum_f32;      // at most one of the two is set: the momentum is read on the device
+  const double* momentum_f64;
+  int32_t* error_flag;            // set to 1 when a momentum read on the device is invalid (may be null)
 };
 
 cudaError_t iwm_ema_launch(const IwmEmaLaunch& args, cudaStream_t stream);

@@ -6,15 +6,21 @@ compiled training step can call it without a graph break in the caller's code.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .._backend import resolve_backend
-from .._validate import check_momentum
+from .._validate import FLOAT_DTYPES, check_momentum
 from . import reference
+from .momentum_flag import momentum_error_flag, raise_if_momentum_was_invalid
+from .overlap import check_no_overlap
 from .plan import signature
+from .version_counters import bump_versions
+
+__all__ = ["ema_update_", "run_backend", "momentum_error_flag", "raise_if_momentum_was_invalid"]
 
 TensorsOrModule = Union[nn.Module, Sequence[torch.Tensor]]
 
@@ -91,6 +97,10 @@ def _validate(targets: list[torch.Tensor], onlines: list[torch.Tensor], names: l
             raise TypeError(f"target{name}: integer/bool tensors cannot be averaged (dtype {t.dtype})")
         if not o.dtype.is_floating_point:
             raise TypeError(f"online{name}: integer/bool tensors cannot be averaged (dtype {o.dtype})")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"target{name}: dtype {t.dtype} is not supported (float32, bfloat16, float16, float64)")
+        if o.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"online{name}: dtype {o.dtype} is not supported (float32, bfloat16, float16, float64)")
         if t.shape != o.shape:
             raise ValueError(f"target{name}: shape {tuple(t.shape)} differs from online's {tuple(o.shape)}")
         if device is None:
@@ -105,29 +115,30 @@ def _validate(targets: list[torch.Tensor], onlines: list[torch.Tensor], names: l
             raise ValueError(f"online{name}: must be contiguous")
 
 
-def _check_no_aliasing(targets: Sequence[torch.Tensor], onlines: Sequence[torch.Tensor]) -> None:
-    """Memory checks, run inside the op (on real tensors, also under torch.compile)."""
-    online_storages = {o.untyped_storage().data_ptr() for o in onlines if o.numel()}
-    seen: dict[int, int] = {}
-    for i, t in enumerate(targets):
-        if not t.numel():
-            continue
-        if t.untyped_storage().data_ptr() in online_storages:
-            raise ValueError(f"target[{i}]: shares storage with an online tensor (target and online alias)")
-        if t.data_ptr() in seen:
-            raise ValueError(f"target[{i}]: the same memory as target[{seen[t.data_ptr()]}] (listed twice)")
-        seen[t.data_ptr()] = i
+def _check_concrete_momentum(momentum: float, momentum_tensor: Optional[torch.Tensor]) -> None:
+    """Inside the op, values are concrete: a number or a CPU tensor is read here (no device sync; under
+    torch.compile this is the first point where its value is known). A device tensor is left to the
+    kernels' device-side rule (momentum_flag)."""
+    if momentum_tensor is None:
+        value = momentum
+    elif momentum_tensor.device.type == "cpu":
+        value = float(momentum_tensor)
+    else:
+        return
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"momentum: must be finite and within [0, 1], got {value}")
 
 
-# Signatures (plan.signature: pointer, size and dtype of every tensor) of tensor sets that passed every
-# check: a hit means the same memory read the same way, so the checks would pass again.
+# Signatures (plan.signature: pointer, dtype, shape and strides of every tensor) of tensor sets that passed
+# every check: the checks read nothing else, so a hit means they would pass again.
 _validated: dict[tuple, None] = {}
 
 
 @torch.library.custom_op("iwm::ema_update_", mutates_args=("targets",), device_types=None)
 def _ema_update_op(targets: list[torch.Tensor], onlines: list[torch.Tensor], momentum: float,
                    momentum_tensor: Optional[torch.Tensor], backend: str) -> None:
-    _check_no_aliasing(targets, onlines)
+    _check_concrete_momentum(momentum, momentum_tensor)
+    check_no_overlap(targets, onlines)
     with torch.no_grad():
         run_backend(backend, targets, onlines, momentum, momentum_tensor)
 
@@ -152,6 +163,7 @@ def run_backend(backend: str, targets: Sequence[torch.Tensor], onlines: Sequence
         native.ema_update_(targets, onlines, momentum, momentum_tensor, key)
     else:
         raise ValueError(f"backend: unknown backend {backend!r}")
+    bump_versions(targets)
 
 
 def ema_update_(target: TensorsOrModule, online: TensorsOrModule, momentum: Union[float, torch.Tensor], *,
@@ -159,12 +171,22 @@ def ema_update_(target: TensorsOrModule, online: TensorsOrModule, momentum: Unio
     """In place, for every floating-point parameter pair: `t <- m * t + (1 - m) * o`.
 
     target, online: two nn.Modules (parameters paired by name, wrapper prefixes such as `module.`
-        ignored), or two equally long sequences of tensors. Mixed fp32/bf16/fp16 lists are fine;
-        arithmetic is fp32, rounded once into each target's dtype.
-    momentum: a float in [0, 1], or a 0-dim tensor (its value is read on the device, so a schedule
-        can live inside a CUDA graph or a compiled region).
+        ignored), or two equally long sequences of tensors. Mixed fp32/bf16/fp16/fp64 lists are fine;
+        arithmetic is fp64 when either tensor of a pair is fp64, else fp32, rounded once into the
+        target's dtype. The form t*m + o*(1-m) stays finite for finite inputs (also near the fp32
+        maximum); m == 1 leaves a target bit-identical, m == 0 makes it equal to its online tensor.
+        No target may share a byte with another target or with any online tensor (ValueError).
+    momentum: a float in [0, 1], or a 0-dim floating tensor. A Python number or a CPU tensor is
+        checked on the host (eagerly, or when the compiled op runs): not finite or outside [0, 1]
+        raises ValueError before any target changes. A tensor on the GPU is read only by the kernel
+        (no host sync, so a schedule can live in a CUDA graph or a compiled region): an invalid value
+        leaves every target unchanged and sets a per-device flag; `raise_if_momentum_was_invalid(device)`
+        reads it (one sync) and raises ValueError.
     backend: "reference" | "triton" | "native"; default from IWM_KERNELS_BACKEND, else automatic.
     copy_buffers: also copy module buffers (BatchNorm statistics...) from online to target.
+
+    Every backend bumps the targets' version counters, so a target saved for a pending backward
+    makes that backward raise autograd's "modified by an inplace operation" error.
     """
     targets, onlines, names = _collect(target, online, copy_buffers)
     if not targets:
@@ -181,9 +203,10 @@ def ema_update_(target: TensorsOrModule, online: TensorsOrModule, momentum: Unio
         return
     # Eager: skip the custom-op wrapper (hundreds of microseconds for a few hundred tensors) and the
     # checks already passed by this exact set of tensors.
-    if key not in _validated:
-        _check_no_aliasing(targets, onlines)
-        _validated[key] = None
+    if key is None or key not in _validated:
+        check_no_overlap(targets, onlines)
+        if key is not None:
+            _validated[key] = None
         while len(_validated) > 16:
             _validated.pop(next(iter(_validated)))
     with torch.no_grad():

@@ -36,16 +36,21 @@ class GroupPlan:
     n_elements: int
 
 
-# Keyed on (pointer, size, dtype) of every tensor: a hit means the cached pointers are exactly the
-# current tensors' pointers, so no reference to the tensors needs to be kept.
+# Keyed on the pointer, dtype, shape and strides of every tensor (plan.signature): a hit means the cached
+# pointers are exactly the current tensors' pointers, so no reference to the tensors needs to be kept.
 _cache: "OrderedDict[tuple, list[GroupPlan]]" = OrderedDict()
 
 
-def signature(targets: Sequence[torch.Tensor], onlines: Sequence[torch.Tensor]) -> tuple:
-    """Pointer, size and dtype of every tensor: equal signatures mean identical launch plans."""
-    return (tuple([(t.data_ptr(), t.numel(), t.dtype) for t in targets]),
-            tuple([(o.data_ptr(), o.numel(), o.dtype) for o in onlines]),
-            tuple({t.device for t in targets} | {o.device for o in onlines}))
+def signature(targets: Sequence[torch.Tensor], onlines: Sequence[torch.Tensor]) -> Optional[tuple]:
+    """Pointer, dtype, shape and strides of every tensor, and their devices: everything the input checks
+    and the launch plans read, so equal signatures mean the checks would pass again and the plans are
+    identical. None when an entry is not a tensor (the checks then say which)."""
+    try:
+        return (tuple([(t.data_ptr(), t.dtype, t.shape, t.stride()) for t in targets]),
+                tuple([(o.data_ptr(), o.dtype, o.shape, o.stride()) for o in onlines]),
+                tuple({t.device for t in targets} | {o.device for o in onlines}))
+    except (AttributeError, TypeError, RuntimeError):
+        return None
 
 
 def _build(targets: Sequence[torch.Tensor], onlines: Sequence[torch.Tensor]) -> list[GroupPlan]:
@@ -80,6 +85,8 @@ def get_plans(targets: Sequence[torch.Tensor], onlines: Sequence[torch.Tensor],
     plans = _cache.get(key)
     if plans is None:
         plans = _build(targets, onlines)
+        if key is None:
+            return plans
         _cache[key] = plans
         while len(_cache) > _MAX_CACHED:
             _cache.popitem(last=False)
