@@ -202,12 +202,14 @@ def batch_for(model, B, seed):
     return src, tgt, masks, torch.randn(B, 7, generator=gen)
 
 
-@pytest.mark.parametrize("conditioning", ["none", "feature", "sequence"])
-def test_iwm_step_backend_parity(conditioning, seed):
-    """Same batch, every kernel on the reference backend vs the fast backends: same loss and gradients."""
+@pytest.mark.parametrize("conditioning, shared", [("none", False), ("feature", False), ("sequence", False),
+                                                   ("sequence", True)])   # the default layout, then segments
+def test_iwm_step_backend_parity(conditioning, shared, seed):
+    """Same batch, every kernel on the reference backend vs the fast backends: same loss and gradients,
+    in both predictor layouts."""
     from tests.helpers import backends_on
     torch.manual_seed(seed)
-    ref = tiny_iwm(conditioning)
+    ref = tiny_iwm(conditioning, shared=shared)
     src, tgt, masks, action = batch_for(ref, 3, seed)
     action = action if conditioning != "none" else None
     results = {}

@@ -2,7 +2,7 @@
 
 Parameter names follow I-JEPA's `VisionTransformerPredictor` (`predictor_embed`, `mask_token`,
 `predictor_pos_embed`, `predictor_blocks`, `predictor_norm`, `predictor_proj`), so I-JEPA checkpoints
-load directly. Conditioning on the action a(x→y) (DESIGN.md §2):
+load directly. Conditioning on the action a(x→y), as in the IWM paper:
 
 - `none`: plain I-JEPA: mask token + positional embedding.
 - `feature`: concat(mask token + position, action) -> 3-layer MLP -> predictor width. The first layer
@@ -12,10 +12,17 @@ load directly. Conditioning on the action a(x→y) (DESIGN.md §2):
 - `sequence`: one extra token per action component, each from its own linear projection; they join the
   context (segment 0).
 
-Two sequence layouts (`shared_context`): False = I-JEPA's, one sequence per (sample, target block)
-with the context repeated; True = one sequence per sample, context as segment 0 and each block its own
-segment that sees the context and itself (`iwm_kernels.varlen_attention`'s segments), so the context
-is embedded once instead of once per block.
+Two sequence layouts (`shared_context`):
+
+- False (default; the paper's and I-JEPA's predictor): one sequence per (sample, target block),
+  [context, block j] with the context repeated and full attention inside it. The context tokens attend
+  to block j's mask tokens, so from the second layer on each block has its own version of the context.
+  All of them run as one packed varlen attention call per layer (no padding, no loop over blocks).
+- True (opt-in speed option, NOT the paper's model): one sequence per sample, context as segment 0 and
+  each block its own segment that sees the context and itself (`iwm_kernels.varlen_attention`'s
+  segments), so the context is computed once instead of once per block. The context never attends to
+  mask tokens: at depth 1 the target outputs equal the repeated layout's, from depth 2 on they differ
+  (the second layer's keys for the context are then computed from a context that saw no mask token).
 """
 from __future__ import annotations
 
@@ -67,7 +74,7 @@ class ActionMLP(nn.Module):
 class VisionTransformerPredictor(nn.Module):
     def __init__(self, num_patches: int, grid: int, embed_dim: int = 768, predictor_embed_dim: int = 384,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 conditioning: str = "none", action_dim: int = ACTION_DIM, shared_context: bool = True):
+                 conditioning: str = "none", action_dim: int = ACTION_DIM, shared_context: bool = False):
         super().__init__()
         if conditioning not in CONDITIONING:
             raise ValueError(f"conditioning: {conditioning!r} is not one of {', '.join(CONDITIONING)}")
@@ -194,7 +201,7 @@ class VisionTransformerPredictor(nn.Module):
 
 
 def build_predictor(num_patches: int, grid: int, embed_dim: int, *, depth: int = 12, predictor_embed_dim: int = 384,
-                    num_heads: int = 12, conditioning: str = "feature", shared_context: bool = True,
+                    num_heads: int = 12, conditioning: str = "feature", shared_context: bool = False,
                     action_dim: int = ACTION_DIM) -> VisionTransformerPredictor:
     return VisionTransformerPredictor(num_patches, grid, embed_dim=embed_dim, predictor_embed_dim=predictor_embed_dim,
                                       depth=depth, num_heads=num_heads, conditioning=conditioning,

@@ -16,7 +16,9 @@ class ModelPreset:
     pred_depth: int
     pred_dim: int
     conditioning: str
-    shared_context: bool = True
+    # False: the paper's predictor (context repeated per target block, full attention). True is an
+    # opt-in speed layout that changes the model from depth 2 on (see iwm.models.predictor).
+    shared_context: bool = False
     encoder_depth: Optional[int] = None   # override the encoder spec's depth (tiny)
     encoder_dim: Optional[int] = None
     description: str = ""
@@ -24,14 +26,14 @@ class ModelPreset:
 
 PRESETS = {
     "ijepa_vitb16": ModelPreset("vit_base", 224, 16, 12, 384, "none", shared_context=False,
-                                description="I-JEPA baseline: no conditioning, 12x384 predictor, repeated context"),
-    "iwm_inv_vitb16": ModelPreset("vit_base", 224, 16, 12, 384, "feature",
+                                description="I-JEPA baseline: no conditioning, 12x384 predictor"),
+    "iwm_inv_vitb16": ModelPreset("vit_base", 224, 16, 12, 384, "feature", shared_context=False,
                                   description="IWM invariant: feature conditioning, 12x384 predictor"),
-    "iwm_equi_vitb16": ModelPreset("vit_base", 224, 16, 18, 384, "feature",
+    "iwm_equi_vitb16": ModelPreset("vit_base", 224, 16, 18, 384, "feature", shared_context=False,
                                    description="IWM equivariant: feature conditioning, 18x384 predictor"),
-    "iwm_equi_vitl16": ModelPreset("vit_large", 224, 16, 36, 512, "feature",
+    "iwm_equi_vitl16": ModelPreset("vit_large", 224, 16, 36, 512, "feature", shared_context=False,
                                    description="IWM equivariant ViT-L/16: feature conditioning, 36x512 predictor"),
-    "tiny": ModelPreset("vit_tiny", 64, 8, 4, 96, "feature", encoder_depth=6,
+    "tiny": ModelPreset("vit_tiny", 64, 8, 4, 96, "feature", shared_context=False, encoder_depth=6,
                         description="64 px, patch 8, 6x192 encoder, 4x96 predictor: trains on 2 CPU cores"),
 }
 

@@ -4,7 +4,8 @@ projection) over packed variable-length sequences, plus the dense form for equal
 Parameter names match timm's `Attention` (`qkv`, `proj`), so checkpoints load both ways. Which
 semantics the predictor gets is decided by the packing, not by this module: repeated-context packing
 (no segment_ids) reproduces I-JEPA's dense computation on the same tokens; shared-context packing
-passes segment_ids.
+passes segment_ids (a different predictor from its second layer on: the context never sees the mask
+tokens).
 """
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ Two packings:
   shared context                one sequence per sample: [context_b, extra_b | block_1 | ... | block_M]
                                 with segment ids 0 | 1 | ... | M: the context attends only to itself
                                 and each block sees the context and itself, so the context is computed
-                                once instead of M times.
+                                once instead of M times. Not I-JEPA's predictor beyond one layer: the
+                                context never attends to mask tokens, so the targets equal the repeated
+                                packing's at depth 1 and differ from depth 2 on.
 
 Everything is vectorised: one gather index built with repeat_interleave, no loop over samples. The
 only host read is the longest sequence (max_seqlen, which sizes the attention launch).

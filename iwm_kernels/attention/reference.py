@@ -78,3 +78,23 @@ def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
         dk[start:end] = (torch.matmul(ds.transpose(1, 2), qs) * scale).transpose(0, 1)
         dv[start:end] = torch.matmul(p.transpose(1, 2), dos).transpose(0, 1)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def mask_table(cu_seqlens: torch.Tensor, segment_ids: Optional[torch.Tensor], labels: "list[str]") -> str:
+    """Who attends to whom in a packed layout, as a markdown table (■ attends, · does not), from the
+    same rule the attention applies: same sequence, and `segment_mask` inside it. Rows are labelled
+    with their segment id, or with their sequence index ("seq i") without segment_ids. The README's
+    layout pictures are this function's output."""
+    total = int(cu_seqlens[-1])
+    if len(labels) != total:
+        raise ValueError(f"labels: expected {total} (one per packed row), got {len(labels)}")
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(lengths.numel()), lengths.cpu())
+    visible = seq[:, None] == seq[None, :]
+    if segment_ids is not None:
+        visible &= segment_mask(segment_ids.cpu(), segment_ids.cpu())
+    notes = segment_ids.tolist() if segment_ids is not None else [f"seq {s}" for s in seq.tolist()]
+    lines = ["| query \\ key | " + " | ".join(labels) + " |", "|---" * (total + 1) + "|"]
+    for label, note, row in zip(labels, notes, visible.tolist()):
+        lines.append(f"| {label} ({note}) | " + " | ".join("■" if v else "·" for v in row) + " |")
+    return "\n".join(lines)
