@@ -13,6 +13,7 @@ a CUDA torch and nvcc are present.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
@@ -77,6 +78,36 @@ def _build(verbose: bool) -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     cflags = ["-O3", "-fopenmp", "-DIWM_WITH_CUDA" if with_cuda else "-UIWM_WITH_CUDA"]
     cuda_flags = ["-O3", "--use_fast_math", "-lineinfo"]
+    with _build_dir_lock(build_dir):
+        _load(cpp_extension, key, srcs, build_dir, cflags, cuda_flags, with_cuda, verbose)
+    _with_cuda = with_cuda
+
+
+@contextlib.contextmanager
+def _build_dir_lock(build_dir: Path):
+    """Serialise builds of one cache folder across processes with a lock the kernel releases when its
+    holder dies.
+
+    torch's JIT build guards the folder with a plain `lock` file (a FileBaton): a process killed while
+    building (kill -9, a CI timeout) leaves that file behind, and every later process then waits on it
+    forever, even when the library is already built. Holding an flock on our own file means no other
+    process of ours is building here, so a `lock` file we find is stale and can go.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: keep torch's own behaviour
+        yield
+        return
+    with open(build_dir / "iwm-build.flock", "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _load(cpp_extension, key, srcs, build_dir, cflags, cuda_flags, with_cuda, verbose) -> None:
     cpp_extension.load(
         name=f"iwm_native_{key}",
         sources=[str(s) for s in srcs],
@@ -89,7 +120,6 @@ def _build(verbose: bool) -> None:
         is_python_module=False,
         verbose=verbose,
     )
-    _with_cuda = with_cuda
 
 
 def status(verbose: bool = False) -> Availability:

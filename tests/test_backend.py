@@ -104,3 +104,28 @@ def test_first_use_inside_torch_compile_fullgraph(backend):
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"attention": True, "gather": True, "ema": [0.5] * 4}, res
+
+
+@pytest.mark.slow
+def test_a_build_killed_mid_way_does_not_hang_later_processes(tmp_path):
+    # A process killed while torch's JIT build holds its `lock` file leaves that file behind; later
+    # processes must still load the extension instead of waiting on it forever.
+    import shutil
+
+    from iwm_kernels import _native
+
+    if not _native.status().available:
+        pytest.skip("no native build here: " + _native.status().detail)
+    built = sorted(_native.cache_root().glob("native-*"), key=lambda p: p.stat().st_mtime)
+    key = _native._build_key(_native.sources(_native._cuda_build_possible()), _native._cuda_build_possible())
+    src = _native.cache_root() / f"native-{key}"
+    assert src.is_dir(), built
+    cache = tmp_path / "cache"
+    shutil.copytree(src, cache / src.name)
+    (cache / src.name / "lock").write_text("")  # what a killed builder leaves
+    code = "from iwm_kernels import _native; s = _native.status(); print(s.available, s.detail)"
+    env = {**os.environ, "IWM_KERNELS_CACHE": str(cache)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("True"), res.stdout + res.stderr[-2000:]
+    assert not (cache / src.name / "lock").exists()
