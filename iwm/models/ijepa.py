@@ -6,8 +6,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-import torch
-
+from ..checkpoint import load_weights_only
 from .predictor import VisionTransformerPredictor
 from .vit import VisionTransformer
 
@@ -47,10 +46,15 @@ def _encoder_from_state(state: dict, num_heads: Optional[int]) -> VisionTransfor
 def load_ijepa_checkpoint(path_or_dict, *, num_heads: Optional[int] = None, map_location="cpu"
                           ) -> tuple[VisionTransformer, VisionTransformerPredictor, VisionTransformer]:
     """(encoder, predictor, target_encoder) from an I-JEPA checkpoint (a path, or the loaded dict with
-    `encoder`, `predictor`, `target_encoder`, keys possibly prefixed with `module.`)."""
+    `encoder`, `predictor`, `target_encoder`, keys possibly prefixed with `module.`).
+
+    A path is read weights-only (tensors and plain values): such files usually come from elsewhere, and
+    one that would need unpickling objects (which can run code) raises CheckpointError instead."""
     ckpt = path_or_dict
     if isinstance(path_or_dict, (str, Path)):
-        ckpt = torch.load(path_or_dict, map_location=map_location, weights_only=False)
+        ckpt = load_weights_only(path_or_dict, map_location=map_location)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"path_or_dict: not an I-JEPA checkpoint (a {type(ckpt).__name__}, not a dict)")
     missing = [k for k in ("encoder", "predictor", "target_encoder") if k not in ckpt]
     if missing:
         raise ValueError(f"path_or_dict: not an I-JEPA checkpoint (missing {missing})")
