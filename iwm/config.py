@@ -8,6 +8,8 @@ the key, raised before any work starts. Command-line overrides use dotted keys: 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,42 @@ class ConfigError(ValueError):
     """A configuration problem; the message starts with the dotted key."""
 
 
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (plain data only, no object construction) that refuses a key given twice in one
+    mapping: PyYAML keeps the last one silently, so a doubled `lr:` would override without a word."""
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node, "", set())
+        return self.construct_document(node)
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: str, visited: set) -> None:
+    if id(node) in visited:  # an alias: already checked (and walking it again could blow up)
+        return
+    visited.add(id(node))
+    children = []
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` is meant to be overridden
+                continue
+            if isinstance(key_node, yaml.ScalarNode):
+                dotted = f"{path}.{key_node.value}" if path else key_node.value
+                line = key_node.start_mark.line + 1
+                if key_node.value in first_line:
+                    raise ConfigError(f"{dotted}: given twice (YAML lines {first_line[key_node.value]} and "
+                                      f"{line}); a YAML mapping keeps only the last, so one would be lost")
+                first_line[key_node.value] = line
+                children.append((dotted, value_node))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(f"{path}[{i}]", n) for i, n in enumerate(node.value)]
+    for child_path, child in children:
+        _refuse_duplicate_keys(child, child_path, visited)
+
+
 @dataclass
 class DataConfig:
     dataset: str = "builtin"              # builtin | imagefolder
@@ -30,9 +68,13 @@ class DataConfig:
     builtin_raw_size: int = 96            # builtin: side of the raw crop handed to the augmentation
     batch_size: int = 128                 # per process
     crop_size: int = 224
-    crop_scale: tuple = (0.3, 1.0)
+    crop_scale: tuple[float, float] = (0.3, 1.0)
     num_workers: int = 2
     pin_mem: bool = True
+    # imagefolder: how a worker turns a file into its crop (iwm.image_decode): draft = JPEG decoded at the
+    # reduced DCT scale the crop allows (fast; equal to pil up to resampling), pil = full decode (the
+    # reference), gpu = workers read bytes, nvJPEG decodes on the device (needs CUDA and torchvision).
+    decode: str = "draft"
     # I-JEPA keys, accepted for compatibility (IWM's augmentations are configured under `augment`).
     color_jitter_strength: float = 0.0
     use_color_distortion: bool = False
@@ -46,9 +88,9 @@ class MaskConfig:
     patch_size: int = 16
     num_enc_masks: int = 1
     num_pred_masks: int = 4
-    enc_mask_scale: tuple = (0.85, 1.0)
-    pred_mask_scale: tuple = (0.15, 0.2)
-    aspect_ratio: tuple = (0.75, 1.5)
+    enc_mask_scale: tuple[float, float] = (0.85, 1.0)
+    pred_mask_scale: tuple[float, float] = (0.15, 0.2)
+    aspect_ratio: tuple[float, float] = (0.75, 1.5)
     min_keep: int = 10
     allow_overlap: bool = False
     context_mode: str = "complement"      # complement (IWM) | block (I-JEPA)
@@ -62,7 +104,7 @@ class MetaConfig:
     pred_depth: int = 12
     pred_emb_dim: int = 384
     conditioning: str = "feature"         # none | feature | sequence
-    shared_context: bool = True           # predictor: one sequence per sample (False: I-JEPA repetition)
+    shared_context: bool = False          # False: the paper's predictor; True: faster, another model from depth 2
     loss: str = "l2"                      # l2 | smooth_l1
     use_bfloat16: bool = True
     compile: bool = False
@@ -71,6 +113,11 @@ class MetaConfig:
     kernel_backend: str = ""              # "" = automatic; reference | triton | native
     load_checkpoint: bool = True          # resume from the run folder's latest checkpoint if present
     read_checkpoint: Optional[str] = None  # explicit checkpoint to resume from
+    resume_with_changes: bool = False     # resume even if settings that change the result differ
+    # DDP: the longest a rank waits for the others in a collective before failing with an error (a peer
+    # that died, hung or was stopped). Must exceed the longest pause of one rank: a mid-run evaluation
+    # (eval.every) runs on rank 0 alone while the others wait.
+    dist_timeout_s: float = 600.0
     # I-JEPA keys, accepted for compatibility.
     copy_data: bool = False
 
@@ -86,13 +133,13 @@ class OptimizationConfig:
     warmup: float = 40                    # epochs
     weight_decay: float = 0.04
     final_weight_decay: float = 0.4
-    ema: tuple = (0.996, 1.0)
+    ema: tuple[float, float] = (0.996, 1.0)
     grad_clip: float = 0.0                # 0: no clipping
 
 
 @dataclass
 class AugmentConfigSection:
-    crop_ratio: tuple = (3 / 4, 4 / 3)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
     jitter_p: float = 0.8
     brightness: float = 0.4
@@ -101,7 +148,7 @@ class AugmentConfigSection:
     hue: float = 0.1
     grayscale_p: float = 0.2
     blur_p: float = 0.2
-    blur_sigma: tuple = (0.1, 2.0)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.1
     solarize_threshold: float = 0.5
     backend: str = ""                     # photometric kernel backend ("" = automatic)
@@ -122,7 +169,7 @@ class LoggingConfig:
 class EvalConfig:
     every: int = 0                        # steps between evaluations during training (0: end only)
     at_end: bool = True
-    tasks: tuple = ("mrr", "linear")
+    tasks: tuple[str, ...] = ("mrr", "linear")
     mrr_images: int = 32
     mrr_candidates: int = 256
     probe_epochs: int = 100
@@ -153,6 +200,7 @@ class Config:
 
 _CHOICES = {
     ("data", "dataset"): ("builtin", "imagefolder"),
+    ("data", "decode"): ("draft", "pil", "gpu"),
     ("mask", "context_mode"): ("complement", "block"),
     ("meta", "conditioning"): ("none", "feature", "sequence"),
     ("meta", "loss"): ("l2", "smooth_l1"),
@@ -179,22 +227,9 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if f != int(f):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return int(f)
+        return _to_int(value, key)
     if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        return _to_float(value, key)
     if typ is str:
         if value is None:
             return ""
@@ -203,16 +238,67 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return str(value)
-    if typ is tuple:
+    if typ is tuple or origin is tuple:
         if isinstance(value, str):
-            value = yaml.safe_load(value if value.strip().startswith("[") else f"[{value}]")
+            text = value if value.strip().startswith("[") else f"[{value}]"
+            try:
+                value = yaml.load(text, Loader=StrictLoader)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{key}: {value!r} is not a list ({exc.problem or exc})") from None
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(typ)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if args:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        # An untyped list: scalars only (a nested list or mapping is a mistake, and unhashable).
+        for i, v in enumerate(value):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}[{i}]: must be a finite number, got {v!r}")
+            if v is not None and not isinstance(v, (str, int, float)):
+                raise ConfigError(f"{key}[{i}]: expected a number or a string, got {v!r}")
         return tuple(value)
     raise ConfigError(f"{key}: unsupported type {typ}")
 
 
-def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
+def _to_int(value: Any, key: str) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass  # "1e3" is a float spelling of an integer: try it as one
+    if not isinstance(value, (float, str)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    try:
+        f = float(value)
+    except ValueError:
+        raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if not math.isfinite(f) or f != int(f):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return int(f)
+
+
+def _to_float(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        f = float(value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    # No setting has a meaning for inf or nan; they would only surface later as a NaN loss or a hang.
+    if not math.isfinite(f):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    return f
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, record: bool = True) -> None:
     sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "explicit"}
     if section not in sections:
         raise ConfigError(f"{section}: unknown section (expected one of {', '.join(sections)})")
@@ -222,71 +308,216 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
         raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(fields)})")
     hints = typing.get_type_hints(type(obj))
     setattr(obj, key, _coerce(value, hints[key], f"{section}.{key}"))
-    cfg.explicit.add(f"{section}.{key}")
+    if record:
+        cfg.explicit.add(f"{section}.{key}")
 
 
-def _check_range(key: str, value: tuple, lo: float, hi: float, length: int = 2) -> None:
-    if len(value) != length or not all(isinstance(v, (int, float)) for v in value):
+def _check_range(key: str, value: tuple, lo: float, hi: float, length: int = 2, low_open: bool = False) -> None:
+    """low_open: the low end must exceed `lo` (a zero scale is an empty crop or mask block)."""
+    if len(value) != length or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         raise ConfigError(f"{key}: expected {length} numbers, got {list(value)}")
-    if length == 2 and not (lo <= value[0] <= value[1] <= hi):
-        raise ConfigError(f"{key}: expected {lo} <= low <= high <= {hi}, got {list(value)}")
+    if not all(math.isfinite(v) for v in value):
+        raise ConfigError(f"{key}: expected finite numbers, got {list(value)}")
+    if length == 2 and not (lo <= value[0] <= value[1] <= hi) or (low_open and value[0] <= lo):
+        relation = "<" if low_open else "<="
+        raise ConfigError(f"{key}: expected {lo} {relation} low <= high <= {hi}, got {list(value)}")
 
 
-def validate(cfg: Config) -> Config:
-    """Impossible values are errors here, before any work starts."""
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
-    d, m, o, a, lg = cfg.data, cfg.mask, cfg.optimization, cfg.augment, cfg.logging
-    if m.patch_size <= 0:
-        raise ConfigError(f"mask.patch_size: must be positive, got {m.patch_size}")
-    if d.crop_size <= 0 or d.crop_size % m.patch_size:
+EVAL_TASKS = ("mrr", "linear", "predictor")
+# A file-name stem: no separator, no "..", not hidden; what `logging.write_tag` names (`<tag>.csv`).
+_FILE_STEM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+_PATH_KEYS = (("data", "root_path"), ("data", "image_folder"), ("data", "val_folder"), ("logging", "folder"),
+              ("meta", "read_checkpoint"))
+
+
+def _at_least(key: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key}: must be >= {minimum}, got {value}")
+
+
+def model_choice(cfg: Config) -> tuple[str, int]:
+    """(encoder name, predictor width) the run builds: meta.preset's, except where the config sets
+    meta.model_name / meta.pred_emb_dim (the rule `iwm.train.model_preset` applies)."""
+    from .models.presets import PRESETS
+
+    m = cfg.meta
+    if not m.preset:
+        return m.model_name, m.pred_emb_dim
+    base = PRESETS[m.preset]
+    encoder = m.model_name if "meta.model_name" in cfg.explicit else base.encoder
+    width = m.pred_emb_dim if "meta.pred_emb_dim" in cfg.explicit else base.pred_dim
+    return encoder, width
+
+
+def _check_model(cfg: Config) -> None:
+    from .models.presets import PRESETS
+    from .models.vit import ENCODERS
+
+    m = cfg.meta
+    if m.preset and m.preset not in PRESETS:
+        raise ConfigError(f"meta.preset: unknown preset {m.preset!r}; choose one of {', '.join(PRESETS)}")
+    if m.model_name not in ENCODERS:
+        raise ConfigError(f"meta.model_name: unknown encoder {m.model_name!r}; choose one of {', '.join(ENCODERS)}")
+    _at_least("meta.pred_depth", m.pred_depth, 1)
+    _at_least("meta.pred_emb_dim", m.pred_emb_dim, 1)
+    encoder, width = model_choice(cfg)
+    if encoder not in ENCODERS:
+        raise ConfigError(f"meta.model_name: unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
+    heads = ENCODERS[encoder].num_heads  # the predictor uses its encoder's head count
+    if width % heads:
+        raise ConfigError(f"meta.pred_emb_dim: the predictor width {width} is not divisible by its {heads} "
+                          f"attention heads (the head count of encoder {encoder})")
+    if not 0 <= m.seed < 2**63:
+        raise ConfigError(f"meta.seed: must be within [0, 2**63), got {m.seed}")
+    if not m.dist_timeout_s > 0:
+        raise ConfigError(f"meta.dist_timeout_s: must be a positive number of seconds, got {m.dist_timeout_s}")
+
+
+def _check_data_and_masks(cfg: Config) -> None:
+    d, m = cfg.data, cfg.mask
+    _at_least("mask.patch_size", m.patch_size, 1)
+    _at_least("data.crop_size", d.crop_size, 1)
+    if d.crop_size % m.patch_size:
         raise ConfigError(f"data.crop_size: {d.crop_size} is not divisible by mask.patch_size {m.patch_size}")
-    if d.batch_size <= 0:
-        raise ConfigError(f"data.batch_size: must be positive, got {d.batch_size}")
-    if d.num_workers < 0:
-        raise ConfigError(f"data.num_workers: must be >= 0, got {d.num_workers}")
+    _at_least("data.batch_size", d.batch_size, 1)
+    _at_least("data.num_workers", d.num_workers, 0)
     if d.dataset == "imagefolder" and not (d.root_path or d.image_folder):
         raise ConfigError("data.image_folder: required when data.dataset is imagefolder")
-    if d.builtin_samples <= 0 or d.builtin_raw_size < 8:
-        raise ConfigError("data.builtin_samples / data.builtin_raw_size: must be positive (raw size >= 8)")
-    _check_range("data.crop_scale", d.crop_scale, 0.0, 1.0)
-    _check_range("mask.enc_mask_scale", m.enc_mask_scale, 0.0, 1.0)
-    _check_range("mask.pred_mask_scale", m.pred_mask_scale, 0.0, 1.0)
+    _at_least("data.builtin_samples", d.builtin_samples, 1)
+    _at_least("data.builtin_raw_size", d.builtin_raw_size, 8)
+    _at_least("data.color_jitter_strength", d.color_jitter_strength, 0.0)
+    _check_range("data.crop_scale", d.crop_scale, 0.0, 1.0, low_open=True)
+    _check_range("mask.enc_mask_scale", m.enc_mask_scale, 0.0, 1.0, low_open=True)
+    _check_range("mask.pred_mask_scale", m.pred_mask_scale, 0.0, 1.0, low_open=True)
     _check_range("mask.aspect_ratio", m.aspect_ratio, 1e-3, 1e3)
-    if m.num_pred_masks < 1:
-        raise ConfigError(f"mask.num_pred_masks: must be >= 1, got {m.num_pred_masks}")
+    _at_least("mask.num_pred_masks", m.num_pred_masks, 1)
     if m.num_enc_masks != 1:
         raise ConfigError(f"mask.num_enc_masks: only 1 context mask is supported, got {m.num_enc_masks}")
     grid = (d.crop_size // m.patch_size) ** 2
+    # min_keep = 0 would let a sample's context be empty: attention over no tokens has no defined output.
+    _at_least("mask.min_keep", m.min_keep, 1)
     if m.min_keep >= grid:
         raise ConfigError(f"mask.min_keep: {m.min_keep} leaves no room on a {grid}-patch grid")
-    if cfg.meta.pred_depth < 1 or cfg.meta.pred_emb_dim < 1:
-        raise ConfigError("meta.pred_depth / meta.pred_emb_dim: must be positive")
+
+
+def _check_optimization(cfg: Config) -> None:
+    o = cfg.optimization
+    _at_least("optimization.epochs", o.epochs, 0)
+    _at_least("optimization.max_steps", o.max_steps, 0)
     if o.epochs < 1 and o.max_steps < 1:
         raise ConfigError("optimization.epochs: must be >= 1 (or set optimization.max_steps)")
-    if o.lr <= 0 or o.start_lr < 0 or o.final_lr < 0:
-        raise ConfigError(f"optimization.lr: learning rates must be positive, got {o.lr}")
-    if o.warmup < 0 or o.max_steps < 0:
-        raise ConfigError("optimization.warmup / optimization.max_steps: must be >= 0")
+    if o.lr <= 0:
+        raise ConfigError(f"optimization.lr: must be positive, got {o.lr}")
+    for key in ("start_lr", "final_lr", "weight_decay", "final_weight_decay", "warmup", "grad_clip"):
+        _at_least(f"optimization.{key}", getattr(o, key), 0.0)
+    if o.ipe_scale <= 0:
+        raise ConfigError(f"optimization.ipe_scale: must be positive, got {o.ipe_scale}")
     _check_range("optimization.ema", o.ema, 0.0, 1.0)
+
+
+def _check_augment(cfg: Config) -> None:
+    a = cfg.augment
     for key in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "solarize_threshold"):
         v = getattr(a, key)
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"augment.{key}: must be within [0, 1], got {v}")
-    _check_range("augment.blur_sigma", a.blur_sigma, 0.0, 100.0)
-    _check_range("augment.crop_ratio", a.crop_ratio, 1e-3, 1e3)
+    for key in ("brightness", "contrast", "saturation"):
+        _at_least(f"augment.{key}", getattr(a, key), 0.0)
     if a.hue > 0.5 or a.hue < 0:
         raise ConfigError(f"augment.hue: must be within [0, 0.5], got {a.hue}")
-    if lg.log_every < 1:
-        raise ConfigError(f"logging.log_every: must be >= 1, got {lg.log_every}")
-    if cfg.eval.mrr_candidates < 2:
-        raise ConfigError(f"eval.mrr_candidates: must be >= 2, got {cfg.eval.mrr_candidates}")
-    unknown_tasks = set(cfg.eval.tasks) - {"mrr", "linear", "predictor"}
-    if unknown_tasks:
-        raise ConfigError(f"eval.tasks: unknown task(s) {sorted(unknown_tasks)}; choose from mrr, linear, predictor")
+    _check_range("augment.blur_sigma", a.blur_sigma, 0.0, 100.0)
+    _check_range("augment.crop_ratio", a.crop_ratio, 1e-3, 1e3)
+
+
+def _check_logging(cfg: Config) -> None:
+    lg = cfg.logging
+    for section, key in _PATH_KEYS:
+        value = getattr(getattr(cfg, section), key)
+        if value and "\0" in value:
+            raise ConfigError(f"{section}.{key}: a path cannot contain a NUL character")
+    if not lg.folder.strip():
+        raise ConfigError("logging.folder: must name the run folder")
+    # Every file a run writes is named inside logging.folder; the tag is the only name taken from the
+    # config, so it must stay a bare name (a `../x` tag would truncate a file outside the run folder).
+    if not _FILE_STEM.fullmatch(lg.write_tag) or ".." in lg.write_tag:
+        raise ConfigError(f"logging.write_tag: must be a plain file-name stem (letters, digits, '_', '-', '.'; "
+                          f"no path separator, no '..', at most 100 characters), got {lg.write_tag!r}")
+    _at_least("logging.log_every", lg.log_every, 1)
+    _at_least("logging.checkpoint_every", lg.checkpoint_every, 0)
+    _at_least("logging.keep_checkpoints", lg.keep_checkpoints, 0)
+
+
+def scheduled_eval_tasks(cfg: Config) -> tuple:
+    """The evaluations a training run will do (none when it never evaluates)."""
+    e = cfg.eval
+    return tuple(e.tasks) if (e.at_end or e.every > 0) else ()
+
+
+def check_eval_tasks(cfg: Config, tasks) -> None:
+    """The evaluations `tasks` can run on this data config; else a ConfigError (before training, not after)."""
+    unknown = [t for t in tasks if t not in EVAL_TASKS]
+    if unknown:
+        raise ConfigError(f"eval.tasks: unknown task(s) {unknown}; choose from {', '.join(EVAL_TASKS)}")
+    d = cfg.data
+    # Every task reads the labelled val split (MRR's images, the probes' held-out set); the builtin
+    # photographs have one, an ImageFolder only through data.val_folder.
+    if tasks and d.dataset == "imagefolder" and not d.val_folder:
+        raise ConfigError(f"data.val_folder: evaluation {', '.join(tasks)} on an ImageFolder dataset needs a "
+                          f"labelled val split (set data.val_folder, or eval.tasks=[] to skip evaluation)")
+
+
+def _check_eval(cfg: Config) -> None:
+    e = cfg.eval
+    _at_least("eval.every", e.every, 0)
+    _at_least("eval.mrr_images", e.mrr_images, 1)
+    _at_least("eval.mrr_candidates", e.mrr_candidates, 2)
+    _at_least("eval.probe_epochs", e.probe_epochs, 1)
+    _at_least("eval.predictor_epochs", e.predictor_epochs, 1)
+    unknown = [t for t in e.tasks if t not in EVAL_TASKS]
+    if unknown:
+        raise ConfigError(f"eval.tasks: unknown task(s) {unknown}; choose from {', '.join(EVAL_TASKS)}")
+    # Checked when training will evaluate; `python -m iwm.eval` checks the tasks it is asked for.
+    check_eval_tasks(cfg, scheduled_eval_tasks(cfg))
+
+
+def validate(cfg: Config) -> Config:
+    """Impossible values are errors here, before any work starts. (Whether the data folders exist is
+    `check_data_paths`'s question: a config stays loadable on a machine without the data.)"""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    _check_data_and_masks(cfg)
+    _check_model(cfg)
+    _check_optimization(cfg)
+    _check_augment(cfg)
+    _check_logging(cfg)
+    _check_eval(cfg)
     return cfg
+
+
+def data_folder(cfg: Config, key: str) -> Path:
+    """data.image_folder / data.val_folder as the data loaders read them: under data.root_path if set."""
+    d = cfg.data
+    sub = getattr(d, key)
+    return Path(d.root_path) / sub if d.root_path else Path(sub)
+
+
+def check_data_paths(cfg: Config, eval_tasks=None) -> None:
+    """The ImageFolder directories the run reads exist and hold class folders: a ConfigError before
+    any work, not a traceback after the model is built (or, for the val split, after training).
+    eval_tasks: the evaluations to be run (default: those training will run)."""
+    if cfg.data.dataset != "imagefolder":
+        return
+    tasks = scheduled_eval_tasks(cfg) if eval_tasks is None else tuple(eval_tasks)
+    check_eval_tasks(cfg, tasks)
+    for key in ("image_folder",) + (("val_folder",) if tasks else ()):
+        folder = data_folder(cfg, key)
+        where = f"{folder} (data.root_path + data.{key})" if cfg.data.root_path else str(folder)
+        if not folder.is_dir():
+            raise ConfigError(f"data.{key}: {where} is not a directory")
+        if not any(p.is_dir() for p in folder.iterdir()):
+            raise ConfigError(f"data.{key}: {where} has no class sub-directories (expected <folder>/<class>/<image>)")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -308,7 +539,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not path.is_file():
             raise ConfigError(f"--config: no such file {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=StrictLoader) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config: {path} is not valid YAML: {exc}") from None
         if not isinstance(raw, dict):
@@ -329,9 +560,22 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def config_from_dict(raw: dict) -> Config:
+def config_from_dict(raw: dict, overrides: Optional[list[str]] = None) -> Config:
+    """A config saved by `Config.to_dict` (e.g. a checkpoint's), then `section.key=value` overrides;
+    validated once, after the overrides (so an override can repair a saved value).
+
+    A saved config is a resolved one: which of its values were set by hand is not recorded, so they
+    do not count as explicit (the model it trained is the checkpoint's preset, not re-derived)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
     cfg = Config()
     for section, values in raw.items():
-        for key, value in (values or {}).items():
-            _apply(cfg, section, key, value)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of settings, got {values!r}")
+        for key, value in values.items():
+            _apply(cfg, section, key, value, record=False)
+    for text in overrides or []:
+        _apply(cfg, *parse_override(text))
     return validate(cfg)

@@ -1,6 +1,7 @@
 """Process-group set-up for `torchrun` (DDP: NCCL on GPUs, gloo on CPU) and rank-aware helpers."""
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -8,11 +9,19 @@ import torch
 import torch.distributed as dist
 
 
+DEFAULT_TIMEOUT_S = 600.0
+
+
+class DistributedError(RuntimeError):
+    """A collective with the other ranks failed: a peer died, hung, or was stopped."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     @property
     def is_main(self) -> bool:
@@ -23,8 +32,13 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); one process otherwise."""
+def init_distributed(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); one process otherwise.
+
+    `timeout_s` bounds every collective (and the rendezvous): without it a hung or stopped peer holds the
+    others for the backend's default (gloo: 30 minutes) before anything is reported."""
+    if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+        raise ValueError(f"timeout_s: must be a positive number of seconds, got {timeout_s!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -33,8 +47,8 @@ def init_distributed(device_type: str) -> DistInfo:
         backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank, world, local, float(timeout_s))
 
 
 def all_reduce_mean(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
@@ -43,7 +57,13 @@ def all_reduce_mean(values: dict[str, float], info: DistInfo, device: torch.devi
         return values
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+    try:
+        dist.all_reduce(t)
+    except RuntimeError as exc:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+        raise DistributedError(
+            f"distributed: rank {info.rank} of {info.world_size}: the step's all-reduce failed ({exc}); another "
+            f"rank died, hung or was stopped (collectives wait at most meta.dist_timeout_s={info.timeout_s:g}s)"
+        ) from exc
     t /= info.world_size
     return dict(zip(keys, t.tolist()))
 

@@ -3,8 +3,10 @@ progress lines, and PNG plots at the end. Only rank 0 writes."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,17 +16,76 @@ CSV_COLUMNS = ("step", "epoch", "loss", "lr", "wd", "momentum", "img_per_s", "da
                "target_std", "pred_std", "context_tokens", "target_tokens", "peak_mem_mb", "skipped_images")
 
 
+def _complete_lines(path: Path) -> list[str]:
+    """The file's newline-terminated lines: a line a kill cut short has no newline and is dropped."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines(keepends=True)
+    return [line for line in lines if line.endswith("\n")]
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSON-lines log, skipping a torn or corrupt line instead of failing on it."""
+    rows = []
+    for line in _complete_lines(Path(path)):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _step_of(row: dict) -> Optional[int]:
+    step = row.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write beside, fsync, rename over: a kill leaves the old log or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not openable as a file on this platform: the rename is as durable as it gets
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class MetricsWriter:
+    """The logs of a run folder: <tag>.csv and metrics.jsonl (a row per step), evals.jsonl (a row per
+    evaluation), optional TensorBoard.
+
+    Kill-safety contract: call `sync()` before each checkpoint is written. Every row up to the checkpoint
+    is then on disk before the checkpoint is, and a resume from a checkpoint at step S (`resume_step=S`)
+    cuts the logs back to what an uninterrupted run has at S: step rows < S, evaluations <= S (the
+    evaluation at S runs after the checkpoint at S). Rows a kill cut short are dropped."""
+
     def __init__(self, folder: str | Path, *, tag: str = "iwm", enabled: bool = True, tensorboard: bool = True,
                  resume_step: int = 0):
         self.folder, self.enabled = Path(folder), enabled
         self.tb = None
+        self.eval_steps: set[int] = set()
         if not enabled:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.folder / f"{tag}.csv"
         self.jsonl_path = self.folder / "metrics.jsonl"
-        # After a resume, drop rows past the checkpoint's step so the logs equal an uninterrupted run.
+        self.evals_path = self.folder / "evals.jsonl"
         self._truncate_after(resume_step)
         new_csv = not self.csv_path.exists()
         self.csv_file = open(self.csv_path, "a", newline="")
@@ -42,15 +103,36 @@ class MetricsWriter:
 
     def _truncate_after(self, step: int) -> None:
         if self.jsonl_path.exists():
-            keep = [line for line in self.jsonl_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) < step]
-            self.jsonl_path.write_text("".join(line + "\n" for line in keep))
+            keep = [r for r in read_jsonl(self.jsonl_path) if _step_of(r) is not None and _step_of(r) < step]
+            _atomic_write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in keep))
+        if self.evals_path.exists():
+            keep = [r for r in read_jsonl(self.evals_path) if _step_of(r) is not None and _step_of(r) <= step]
+            _atomic_write_text(self.evals_path, "".join(json.dumps(r) + "\n" for r in keep))
+            self.eval_steps = {_step_of(r) for r in keep}
         if self.csv_path.exists():
-            rows = list(csv.DictReader(self.csv_path.open()))
-            with self.csv_path.open("w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-                w.writeheader()
-                w.writerows(r for r in rows if int(r["step"]) < step)
+            out = io.StringIO()
+            w = csv.DictWriter(out, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(self._csv_rows_before(step))
+            _atomic_write_text(self.csv_path, out.getvalue())
+
+    def _csv_rows_before(self, step: int) -> list[dict]:
+        lines = _complete_lines(self.csv_path)
+        if not lines:
+            return []
+        header = next(csv.reader(lines[:1]))
+        rows = []
+        for fields in csv.reader(lines[1:]):
+            if len(fields) != len(header):  # torn or corrupt
+                continue
+            row = dict(zip(header, fields))
+            try:
+                row_step = int(row.get("step", ""))
+            except ValueError:
+                continue
+            if row_step < step:
+                rows.append(row)
+        return rows
 
     def log_step(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -65,8 +147,11 @@ class MetricsWriter:
     def log_eval(self, step: int, results: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.folder / "evals.jsonl", "a") as f:
+        with open(self.evals_path, "a") as f:
             f.write(json.dumps({"step": step, **results}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # evaluations are rare and expensive to redo
+        self.eval_steps.add(step)
         if self.tb is not None:
             for k, v in results.items():
                 if isinstance(v, (int, float)):
@@ -79,9 +164,17 @@ class MetricsWriter:
             if self.tb is not None:
                 self.tb.flush()
 
-    def close(self) -> None:
+    def sync(self) -> None:
+        """Flush and fsync the step logs: call before a checkpoint is written, so that no checkpoint is
+        ever on disk ahead of the rows it covers (a resume then finds them all)."""
         if self.enabled:
             self.flush()
+            os.fsync(self.csv_file.fileno())
+            os.fsync(self.jsonl.fileno())
+
+    def close(self) -> None:
+        if self.enabled:
+            self.sync()
             self.csv_file.close()
             self.jsonl.close()
             if self.tb is not None:
@@ -130,7 +223,7 @@ def plot_run(folder: str | Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = [r for r in read_jsonl(jsonl) if "step" in r]
     if not rows:
         return []
     out = []
@@ -154,7 +247,7 @@ def plot_run(folder: str | Path) -> list[Path]:
         out.append(path)
     evals = folder / "evals.jsonl"
     if evals.exists():
-        erows = [json.loads(line) for line in evals.read_text().splitlines() if line.strip()]
+        erows = [r for r in read_jsonl(evals) if "step" in r]
         keys = sorted({k for r in erows for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
         if erows and keys:
             fig, ax = plt.subplots(figsize=(6, 3.5))

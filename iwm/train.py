@@ -20,16 +20,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import augment as aug
-from .checkpoint import (CheckpointError, find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
-from .config import Config, ConfigError, load_config, save_config, validate
+from .checkpoint import (LATEST, CheckpointError, config_changes, find_resume_checkpoint, load_checkpoint,
+                         rng_state, save_checkpoint, set_rng_state)
+from .config import Config, ConfigError, check_data_paths, load_config, save_config, validate
 from .data import BuiltinPhotos, ImageFolderDataset, KeyedDataset, StepBatchSampler, StepCollator
-from .distributed import DistInfo, all_reduce_mean, init_distributed, shutdown
+from .image_decode import gpu_decode_problem
+from .distributed import DistInfo, DistributedError, all_reduce_mean, init_distributed, shutdown
 from .masks import MultiBlockMaskSampler
 from .metrics import MetricsWriter, Progress, format_duration, peak_memory_mb, plot_run
 from .models import IWM, get_preset
 from .models.presets import ModelPreset
 from .schedules import Schedules, apply_lr_wd
+from .stopping import StopFlag, blocked_stop_signals, ignore_stop_signals_in_worker
 
 
 class TrainingStopped(RuntimeError):
@@ -88,7 +90,7 @@ class RankMasks:
     def __call__(self, step: int):
         masks = self.sampler.sample(self.global_batch, step)
         if not self.ragged:  # I-JEPA parity: truncate every mask to the batch minimum
-            masks = type(masks).from_ijepa(*masks.to_ijepa(), grid=masks.grid)
+            masks = masks.truncated()  # keeps the fallback count
         return masks.slice(self.rank * self.batch, (self.rank + 1) * self.batch)
 
 
@@ -107,7 +109,7 @@ def build_dataset(cfg: Config, seed: int):
                              ratio=tuple(cfg.augment.crop_ratio), flip_p=cfg.augment.flip_p)
     root = Path(d.root_path) / d.image_folder if d.root_path else Path(d.image_folder)
     return ImageFolderDataset(root, d.crop_size, seed=seed, scale=tuple(d.crop_scale),
-                              ratio=tuple(cfg.augment.crop_ratio), flip_p=cfg.augment.flip_p)
+                              ratio=tuple(cfg.augment.crop_ratio), flip_p=cfg.augment.flip_p, decode=d.decode)
 
 
 def param_groups(model: IWM) -> list[dict]:
@@ -130,34 +132,17 @@ def build_optimizer(model: IWM, lr: float, weight_decay: float) -> torch.optim.A
     return torch.optim.AdamW(param_groups(model), lr=lr, weight_decay=weight_decay, fused=fused)
 
 
-class StopFlag:
-    """SIGTERM / SIGINT ask the loop to save `latest` and exit at the next step boundary."""
-
-    def __init__(self):
-        self.signal: Optional[int] = None
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second signal: stop now
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 # ---------------------------------------------------------------------------------------------- training
 class Trainer:
     def __init__(self, cfg: Config, *, log=print):
         self.cfg = cfg
+        check_data_paths(cfg)  # a missing data folder is an error now, not after the model is built
         self.device = resolve_device(cfg)
-        self.dist = init_distributed(self.device.type)
+        if cfg.data.dataset == "imagefolder" and cfg.data.decode == "gpu":
+            problem = gpu_decode_problem(self.device)
+            if problem:  # at start, not in the first step's worker
+                raise ConfigError(problem)
+        self.dist = init_distributed(self.device.type, timeout_s=cfg.meta.dist_timeout_s)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
@@ -191,6 +176,8 @@ class Trainer:
         self.step = 0
         self._fault_nan_step = int(os.environ.get("IWM_FAULT_NAN_STEP", "-1"))
         self._fault_nan_rank = int(os.environ.get("IWM_FAULT_NAN_RANK", "-1"))  # -1: every rank
+        self._fault_stop_step = int(os.environ.get("IWM_FAULT_SIGSTOP_STEP", "-1"))
+        self._fault_stop_rank = int(os.environ.get("IWM_FAULT_SIGSTOP_RANK", "1"))
         self.skipped_images = 0
         self.best_loss = math.inf
         self.resumed_from: Optional[Path] = None
@@ -225,9 +212,47 @@ class Trainer:
         }
 
     def save(self, periodic: bool) -> None:
+        # Every rank checks: under DDP the parameters and optimizer state are the same on all ranks, so
+        # all decide alike (and stop together) without another collective.
+        self._refuse_non_finite_state()
         if self.dist.is_main:
             save_checkpoint(self.state(), self.folder, self.step, periodic=periodic,
                             keep=self.cfg.logging.keep_checkpoints)
+        self._saved_step = self.step
+        self._last_checkpoint = (self.folder / LATEST, self.step)
+
+    def _refuse_non_finite_state(self) -> None:
+        """A NaN/Inf in the weights or in AdamW's moments is never written as a checkpoint: it would
+        replace the last good `latest.pt` with a state no resume can recover from. (A finite loss does
+        not prove a finite state: the update that follows it can overflow.) One host read per save."""
+        named = [(f"{part}.{k}", v) for part in ("encoder", "target_encoder", "predictor")
+                 for k, v in getattr(self.model, part).state_dict().items() if v.is_floating_point()]
+        named += [(f"optimizer.state.{i}.{k}", v) for i, st in self.optimizer.state_dict()["state"].items()
+                  for k, v in st.items() if torch.is_tensor(v) and v.is_floating_point()]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(v).all().to(self.device) for _, v in named]).tolist()
+        bad = [name for (name, _), ok in zip(named, finite) if not ok]
+        if bad:
+            raise TrainingStopped(
+                f"non-finite values in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} after step "
+                f"{self.step - 1} (the update made the model state NaN/Inf although the loss was finite): "
+                f"stopping without saving it; {self._checkpoint_note()}")
+
+    def _checkpoint_note(self) -> str:
+        """What is on disk to go back to, said truthfully (also when nothing is)."""
+        saved = getattr(self, "_last_checkpoint", None)
+        if saved is None:
+            return ("no checkpoint has been written in this run folder yet (the run started from scratch), so "
+                    "there is nothing to resume: fix the cause (e.g. a lower optimization.lr) and start again")
+        path, step = saved
+        return (f"the last checkpoint, {path} (step {step}), is left as it was; resuming it as is replays the "
+                f"same steps on the same data and, unless the cause was transient, stops here again: resume it "
+                f"with changed settings (e.g. a lower optimization.lr and meta.resume_with_changes=true) or from "
+                f"an earlier step-*.pt (meta.read_checkpoint=...)")
+
+    def _non_finite_loss_message(self, loss_value: float, step: int) -> str:
+        return f"non-finite loss ({loss_value}) at step {step}: stopping; {self._checkpoint_note()}"
 
     def _maybe_resume(self) -> None:
         if not self.cfg.meta.load_checkpoint and not self.cfg.meta.read_checkpoint:
@@ -236,6 +261,7 @@ class Trainer:
         if path is None:
             return
         state = load_checkpoint(path, map_location=self.device)
+        self._refuse_config_changes(path, state)
         try:
             self.model.encoder.load_state_dict(state["encoder"])
             self.model.target_encoder.load_state_dict(state["target_encoder"])
@@ -251,7 +277,23 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_images = int(state.get("skipped_images", 0))
         self.resumed_from = path
+        self._last_checkpoint = (path, self.step)
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _refuse_config_changes(self, path: Path, state: dict) -> None:
+        """A resume continues the run the checkpoint belongs to: a setting that changes the result
+        (seed, lr, model, data, ...) differing from the checkpoint's is refused before anything is
+        written (config.yaml included), unless meta.resume_with_changes=true says it is meant."""
+        changes = config_changes(state.get("config") or {}, self.cfg.to_dict(), Config().to_dict())
+        if not changes:
+            return
+        listed = "; ".join(changes)
+        if not self.cfg.meta.resume_with_changes:
+            raise CheckpointError(
+                f"checkpoint: resuming {path} with settings that change the result: {listed}. Resume with the "
+                f"checkpoint's settings (its run's config.yaml), or pass meta.resume_with_changes=true to "
+                f"continue with the new ones.")
+        self.log(f"warning: resuming {path} with changed settings (meta.resume_with_changes=true): {listed}")
 
     # ------------------------------------------------------------------ data
     def loader(self) -> DataLoader:
@@ -262,7 +304,8 @@ class Trainer:
         mask_fn = RankMasks(self.masks, self.global_batch, self.dist.rank, d.batch_size, self.cfg.mask.ragged)
         return DataLoader(KeyedDataset(self.dataset), batch_sampler=sampler, collate_fn=StepCollator(mask_fn),
                           num_workers=d.num_workers, pin_memory=d.pin_mem and self.device.type == "cuda",
-                          persistent_workers=False, prefetch_factor=4 if d.num_workers > 0 else None)
+                          persistent_workers=False, prefetch_factor=4 if d.num_workers > 0 else None,
+                          worker_init_fn=ignore_stop_signals_in_worker if d.num_workers > 0 else None)
 
     def views(self, images: torch.Tensor, step: int):
         """Both views and the action for this rank's samples, from the global batch's parameters."""
@@ -275,6 +318,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
+        stop = StopFlag()  # installed until the end, so a signal during the final evaluation is handled too
+        stop.install()
+        try:
+            return self._train(stop)
+        finally:
+            stop.restore()
+
+    def _train(self, stop: StopFlag) -> dict:
         cfg, model, device = self.cfg, self.model, self.device
         if self.dist.is_main:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -282,8 +333,6 @@ class Trainer:
         writer = MetricsWriter(self.folder, tag=cfg.logging.write_tag, enabled=self.dist.is_main,
                                tensorboard=cfg.logging.tensorboard, resume_step=self.step)
         progress = Progress(self.total_steps, cfg.logging.progress_bar if self.dist.is_main else "off")
-        stop = StopFlag()
-        stop.install()
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.meta.use_bfloat16)
         n_params = sum(p.numel() for p in model.encoder.parameters()) + sum(
             p.numel() for p in model.predictor.parameters())
@@ -297,15 +346,25 @@ class Trainer:
         last_loss = float("nan")
         stopped_by = None
         t_prev = time.time()
+        batches = None
         try:
-            for batch in self.loader():
+            if self._eval_pending(writer):  # killed during the evaluation that followed the checkpoint
+                self.evaluate(writer, final=False, stop=stop)
+            # Workers start with the stop signals blocked and then ignore them (iwm.stopping): a signal to
+            # the process group stops the run through this process only, at a step boundary.
+            with blocked_stop_signals():
+                batches = iter(self.loader())
+            for batch in batches:
+                if stop.signal is not None and not self.dist.enabled:  # came during an evaluation
+                    stopped_by = stop.name
+                    break
                 t_data = time.time()
                 step = batch.step
                 assert step == self.step, (step, self.step)
                 lr, wd, momentum = (self.schedules.lr_at(step), self.schedules.wd_at(step),
                                     self.schedules.momentum_at(step))
                 apply_lr_wd(self.optimizer, lr, wd)
-                images = batch.images.to(device, non_blocking=True)
+                images = batch.images_on(device)  # data.decode=gpu: nvJPEG decodes the batch here
                 masks = batch.masks.to(device)
                 source, target, action = self.views(images, step)
                 with autocast:
@@ -314,6 +373,9 @@ class Trainer:
                 if step == self._fault_nan_step and self._fault_nan_rank in (-1, self.dist.rank):
                     # fault injection for tests: IWM_FAULT_NAN_STEP=<step> [IWM_FAULT_NAN_RANK=<rank>]
                     loss = loss * float("nan")
+                if step == self._fault_stop_step and self.dist.rank == self._fault_stop_rank:
+                    # fault injection for tests: a hung peer, IWM_FAULT_SIGSTOP_STEP=<step> [..._RANK=<rank>]
+                    os.kill(os.getpid(), signal.SIGSTOP)
                 # One read of the step's scalars, averaged over ranks: every rank then sees the same loss
                 # (NaN if any rank's is) and the same stop request, and all stop at the same step.
                 scalars = {"loss": float(loss.detach()), "target_std": float(stats["target_std"]),
@@ -321,9 +383,7 @@ class Trainer:
                 scalars = all_reduce_mean(scalars, self.dist, device)
                 loss_value = scalars["loss"]
                 if not math.isfinite(loss_value):
-                    raise TrainingStopped(
-                        f"non-finite loss ({loss_value}) at step {step}: stopping; the last good checkpoint "
-                        f"({self.folder / 'latest.pt'}, step {self._last_saved_step()}) is intact")
+                    raise TrainingStopped(self._non_finite_loss_message(loss_value, step))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.optimization.grad_clip > 0:
@@ -345,6 +405,7 @@ class Trainer:
                        "momentum": momentum, "target_std": scalars["target_std"],
                        "pred_std": scalars["pred_std"], "context_tokens": stats["context_tokens"],
                        "target_tokens": stats["target_tokens"], "skipped_images": self.skipped_images,
+                       "mask_fallbacks": batch.masks.fallbacks,
                        "data_wait_s": wait, "step_time_s": step_time,
                        "img_per_s": images.shape[0] * self.dist.world_size / max(step_time, 1e-9)}
                 if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps or self.step == start_step + 1:
@@ -363,17 +424,19 @@ class Trainer:
                 at_epoch_end = self.step % self.steps_per_epoch == 0
                 periodic = (cfg.logging.checkpoint_every > 0 and self.step % cfg.logging.checkpoint_every == 0)
                 if periodic or at_epoch_end:
+                    writer.sync()  # the rows up to this step reach the disk before the checkpoint does
                     self.save(periodic=True)
                     self._saved_step = self.step
                 if cfg.eval.every > 0 and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
-                    self.evaluate(writer, final=False)
+                    self.evaluate(writer, final=False, stop=stop)
                 if scalars["stop"] > 0:  # this rank or another was asked to stop
-                    stopped_by = signal.Signals(stop.signal).name if stop.signal is not None else "a signal on another rank"
+                    stopped_by = stop.name or "a signal on another rank"
                     break
         finally:
-            stop.restore()
+            del batches  # shuts the workers down now, not whenever the iterator is collected
             progress.close()
         if self._last_saved_step() != self.step:
+            writer.sync()
             self.save(periodic=stopped_by is None)
         writer.flush()
         summary = {"steps": self.step - start_step, "final_step": self.step, "final_loss": last_loss,
@@ -383,7 +446,9 @@ class Trainer:
                      f"run the same command to resume")
             summary["stopped_by"] = stopped_by
         elif cfg.eval.at_end and self.step >= self.total_steps:
-            summary["eval"] = self.evaluate(writer, final=True)
+            summary["eval"] = self.evaluate(writer, final=True, stop=stop)
+            if stop.signal is not None:
+                summary["stopped_by"] = stop.name
         if self.skipped_images:
             self.log(f"skipped {self.skipped_images} unreadable image(s)")
         writer.close()
@@ -397,14 +462,30 @@ class Trainer:
         return summary
 
     def _last_saved_step(self) -> int:
-        return getattr(self, "_saved_step", self.step if self.resumed_from else -1)
+        """The step of the checkpoint this run last wrote or resumed from; -1 when there is none."""
+        saved = getattr(self, "_last_checkpoint", None)
+        return getattr(self, "_saved_step", saved[1] if saved else -1)
 
-    def evaluate(self, writer: MetricsWriter, final: bool) -> dict:
+    def _eval_pending(self, writer: MetricsWriter) -> bool:
+        """A resume at an evaluation step whose evaluation is not in evals.jsonl: the run was stopped or
+        killed during it (it runs after the checkpoint of its step), so it is run again before going on."""
+        every = self.cfg.eval.every
+        return (self.resumed_from is not None and self.dist.is_main and bool(self.cfg.eval.tasks) and every > 0
+                and 0 < self.step < self.total_steps and self.step % every == 0 and self.step not in writer.eval_steps)
+
+    def evaluate(self, writer: MetricsWriter, final: bool, stop: Optional[StopFlag] = None) -> dict:
         if not self.dist.is_main or not self.cfg.eval.tasks:
             return {}
         from .eval.runner import run_evaluations
 
-        results = run_evaluations(self.model, self.cfg, self.device, self.folder, step=self.step, log=self.log)
+        results = run_evaluations(self.model, self.cfg, self.device, self.folder, step=self.step, log=self.log,
+                                  stop=(lambda: stop.name) if stop is not None else None)
+        if "interrupted_by" in results:
+            # Not logged to evals.jsonl: a resume at this step runs it again (see _eval_pending).
+            again = "run the same command to finish it" if final else "a resume at this step runs it again"
+            self.log(f"received {results['interrupted_by']} during the evaluation at step {self.step}: stopped; "
+                     f"finished tasks are in {self.folder / f'eval-step{self.step}.json'}; {again}")
+            return results
         writer.log_eval(self.step, {k: v for k, v in results.items() if isinstance(v, (int, float))})
         return results
 
@@ -436,9 +517,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         trainer = Trainer(cfg)
         info = trainer.dist
         trainer.train()
-    except (ConfigError, CheckpointError, TrainingStopped) as exc:
+    except (ConfigError, CheckpointError, TrainingStopped, DistributedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second stop signal (iwm.stopping.StopFlag): stop at once, no traceback
+        print("error: stopped at once by a second stop signal, without saving; the checkpoints on disk are as "
+              "they were", file=sys.stderr)
+        return 130
     finally:
         shutdown(info)
     return 0

@@ -13,9 +13,10 @@ import torch
 
 def main(argv=None) -> int:
     from ..checkpoint import CheckpointError, load_checkpoint
-    from ..config import ConfigError, config_from_dict, parse_override, _apply
+    from ..config import ConfigError, check_data_paths, check_eval_tasks, config_from_dict
     from ..models import IWM, ModelPreset
     from .runner import run_evaluations
+    from ..stopping import StopFlag
 
     parser = argparse.ArgumentParser(prog="python -m iwm.eval", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="an iwm training checkpoint (latest.pt, step-*.pt)")
@@ -27,21 +28,43 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         state = load_checkpoint(args.checkpoint, map_location="cpu")
-        cfg = config_from_dict(state["config"])
-        for text in args.overrides:
-            _apply(cfg, *parse_override(text))
-    except (CheckpointError, ConfigError, KeyError) as exc:
+        # The overrides are validated with the saved config, as training validates its own: a bad
+        # value is refused here, not met halfway through an evaluation.
+        cfg = config_from_dict(state["config"], args.overrides)
+        tasks = list(args.task) if args.task else list(cfg.eval.tasks)
+        check_eval_tasks(cfg, tasks)
+        check_data_paths(cfg, tasks)
+        model = IWM.from_preset(ModelPreset(**state["preset"]), loss=cfg.meta.loss)
+        model.encoder.load_state_dict(state["encoder"])
+        model.target_encoder.load_state_dict(state["target_encoder"])
+        model.predictor.load_state_dict(state["predictor"])
+    except KeyError as exc:
+        print(f"error: checkpoint: {args.checkpoint} has no {exc} entry", file=sys.stderr)
+        return 2
+    except (CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    model = IWM.from_preset(ModelPreset(**state["preset"]), loss=cfg.meta.loss)
-    model.encoder.load_state_dict(state["encoder"])
-    model.target_encoder.load_state_dict(state["target_encoder"])
-    model.predictor.load_state_dict(state["predictor"])
     model.to(device)
     out = args.out or Path(args.checkpoint).parent
-    results = run_evaluations(model, cfg, device, out, step=int(state["step"]), tasks=args.task)
+    step = int(state["step"])
+    # SIGTERM / Ctrl-C stop after the running task (each finished task is already in eval-step<N>.json);
+    # a second signal stops at once. Either way: a message and an exit status, not a traceback.
+    stop = StopFlag()
+    stop.install()
+    try:
+        results = run_evaluations(model, cfg, device, out, step=step, tasks=tasks, stop=lambda: stop.name)
+    except KeyboardInterrupt:
+        print(f"error: evaluation stopped at once by a second signal; finished tasks are in "
+              f"{Path(out) / f'eval-step{step}.json'}", file=sys.stderr)
+        return 130
+    finally:
+        stop.restore()
     print(json.dumps(results, indent=1))
+    if "interrupted_by" in results:
+        print(f"error: evaluation stopped by {results['interrupted_by']}; finished tasks are in "
+              f"{Path(out) / f'eval-step{step}.json'}; run the remaining --task(s) to complete it", file=sys.stderr)
+        return 128 + stop.signal  # the shell's convention for "ended by this signal" (130, 143)
     return 0
 
 

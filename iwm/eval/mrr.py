@@ -1,4 +1,4 @@
-"""World-model MRR (DESIGN.md §2, Evaluations).
+"""World-model MRR: how well the predictor models the effect of a transformation.
 
 For each held-out image: draw K candidate photometric transformations; encode each transformed image
 once with the target encoder; from the clean image's context latents, predict the target-position

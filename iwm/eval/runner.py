@@ -1,8 +1,15 @@
 """Runs the evaluations on a model and writes `eval-step<N>.json` (+ the MRR rank histogram PNG) into
-the run folder. Used at the end of training, periodically (eval.every), and by `python -m iwm.eval`."""
+the run folder. Used at the end of training, periodically (eval.every), and by `python -m iwm.eval`.
+
+Each task's results are merged into eval-step<N>.json as soon as the task ends, so separate runs
+(`--task mrr`, then `--task linear`) add up instead of overwriting each other, and a run stopped or
+killed half-way keeps what it finished."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -54,9 +61,62 @@ def probe_sets(cfg: Config, size: int, seed: int = 0):
     return (*_stack(train, tr), *_stack(val, va))
 
 
+TASKS = ("mrr", "linear", "predictor")
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on `path`.lock for a read-merge-write: two evaluations of one checkpoint that
+    finish at the same moment must not lose one another's results."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one evaluation at a time is the caller's business
+        yield
+        return
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def merge_results(path: str | Path, results: dict) -> dict:
+    """Merge `results` into the JSON object at `path` (created if absent) and write it back atomically
+    (temporary file, fsync, rename): a reader or a kill sees the old file or the new one, never half.
+    A file that is not a JSON object (torn by a crash of an older version, say) is replaced."""
+    path = Path(path)
+    with _locked(path):
+        merged: dict = {}
+        try:
+            old = json.loads(path.read_text())
+            if isinstance(old, dict):
+                merged = old
+        except (OSError, ValueError):
+            pass
+        merged.update(results)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(merged, indent=1))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    return merged
+
+
 def run_evaluations(model, cfg: Config, device: torch.device, folder: str | Path, *, step: int,
                     tasks: Optional[list[str]] = None, log: Callable = print,
-                    backend: Optional[str] = None) -> dict:
+                    backend: Optional[str] = None, stop: Optional[Callable[[], Optional[str]]] = None) -> dict:
+    """Run `tasks` (default cfg.eval.tasks) in order; returns this call's results.
+
+    `stop` is polled before each task: when it returns a reason (a signal's name), the remaining tasks
+    are skipped and the results carry `interrupted_by`. A task is not cut short: it is minutes at most
+    and its result is worth keeping, and one that dies half-way has nothing to keep."""
     from ..train import augment_config, build_mask_sampler
     from ..models import IWM
     from .linear_probe import extract_features, fit_linear_probe
@@ -64,7 +124,11 @@ def run_evaluations(model, cfg: Config, device: torch.device, folder: str | Path
     from .predictor_finetune import finetune_predictor
 
     tasks = list(tasks if tasks is not None else cfg.eval.tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:  # before any work, not after the first task's minutes
+        raise ValueError(f"tasks: unknown evaluation(s) {unknown} (known: {', '.join(TASKS)})")
     folder = Path(folder)
+    out_path = folder / f"eval-step{step}.json"
     folder.mkdir(parents=True, exist_ok=True)
     size = model.encoder.img_size
     aug_cfg = augment_config(cfg)
@@ -81,7 +145,13 @@ def run_evaluations(model, cfg: Config, device: torch.device, folder: str | Path
             random_model = IWM.from_preset(model.preset if hasattr(model, "preset") else "tiny").to(device)
         return random_model
 
-    for task in tasks:
+    for i, task in enumerate(tasks):
+        reason = stop() if stop is not None else None
+        if reason:
+            results["interrupted_by"] = reason
+            log(f"eval: {reason} received: stopping before {task!r}; finished: {tasks[:i] or 'none'}, "
+                f"skipped: {tasks[i:]}; results so far in {out_path}")
+            break
         t0 = time.time()
         if task in ("linear", "predictor") and probe is None:
             probe = probe_sets(cfg, size, seed)
@@ -117,7 +187,5 @@ def run_evaluations(model, cfg: Config, device: torch.device, folder: str | Path
             results.update(floor.as_dict("predictor_random_init_"))
             log(f"eval: predictor finetune top-1 {res.top1:.3f} top-5 {res.top5:.3f} "
                 f"(random-init predictor {floor.top1:.3f}) [{time.time() - t0:.0f}s]")
-        else:
-            raise ValueError(f"tasks: unknown evaluation {task!r} (mrr, linear, predictor)")
-    (folder / f"eval-step{step}.json").write_text(json.dumps(results, indent=1))
+        merge_results(out_path, results)
     return results
