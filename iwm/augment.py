@@ -1,4 +1,4 @@
-"""IWM's two views and the action between them (DESIGN.md §2, "Views" and "Action vector").
+"""IWM's two views and the action between them (docs/design.md, "What one training step computes").
 
 From each image: one random resized crop + horizontal flip, shared by both views; then
   target view y:  colour jitter only (p = jitter_p, each view independent);
@@ -33,11 +33,12 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
 from iwm_kernels import photometric_two_view
 from iwm_kernels._validate import check_image_batch
-from iwm_kernels.photometric import IMAGENET_MEAN, IMAGENET_STD, pack_params
+from iwm_kernels.photometric import IMAGENET_MEAN, IMAGENET_STD, blur_plan_from_sigmas, pack_params
 from iwm_kernels.photometric import photometric as photometric_view
 from iwm_kernels.photometric.reference import (adjust_brightness, adjust_contrast, adjust_hue,  # noqa: F401
                                                adjust_saturation, blur_radius, gaussian_blur, gaussian_taps,
@@ -126,6 +127,11 @@ class ViewParams:
     solarize: torch.Tensor               # bool [B] (source)
     solarize_threshold: float = 0.5
     out_size: int = 224
+    # Set where the values are made: True when they were drawn inside a checked AugmentConfig's ranges
+    # (sample_view_params), so rendering skips the range checks; source_blur holds the source view's
+    # effective blur sigmas as Python floats (0 = no blur), so the blur plan needs no tensor read.
+    validated: bool = False
+    source_blur: Optional[tuple] = None
 
     def __len__(self) -> int:
         return int(self.flip.shape[0])
@@ -139,11 +145,13 @@ class ViewParams:
 
     def slice(self, lo: int, hi: int) -> "ViewParams":
         """Samples lo..hi-1 (e.g. one rank's share of a global batch's parameters)."""
-        return replace(self, **{n: getattr(self, n)[lo:hi] for n in self._tensor_fields()})
+        blur = self.source_blur[lo:hi] if self.source_blur is not None else None
+        return replace(self, source_blur=blur, **{n: getattr(self, n)[lo:hi] for n in self._tensor_fields()})
 
     def index(self, idx: torch.Tensor) -> "ViewParams":
         """The samples at idx (e.g. K candidates repeated per image)."""
-        return replace(self, **{n: getattr(self, n)[idx.to(getattr(self, n).device)] for n in self._tensor_fields()})
+        return replace(self, source_blur=None, **{n: getattr(self, n)[idx.to(getattr(self, n).device)]
+                                                  for n in self._tensor_fields()})
 
     @staticmethod
     def identity(batch: int, out_size: int = 224, device=None, solarize_threshold: float = 0.5) -> "ViewParams":
@@ -154,7 +162,7 @@ class ViewParams:
                           source_jitter=jit, target_jitter=jit.clone(), source_jitter_applied=no.clone(),
                           target_jitter_applied=no.clone(), grayscale=no.clone(), blur=no.clone(),
                           blur_sigma=torch.zeros(batch, device=device), solarize=no.clone(),
-                          solarize_threshold=solarize_threshold, out_size=out_size)
+                          solarize_threshold=solarize_threshold, out_size=out_size, source_blur=(0.0,) * batch)
 
     def photometric_params(self, which: str = "source") -> torch.Tensor:
         """The packed [B, NUM_PARAMS] table of one view for `iwm_kernels.photometric` (same device)."""
@@ -255,10 +263,13 @@ def sample_view_params(batch_size: int, cfg: AugmentConfig, generator: Optional[
     blur = torch.rand(b, generator=gen) < cfg.blur_p
     sigma = _uniform(b, cfg.blur_sigma[0], cfg.blur_sigma[1], gen).to(torch.float32)
     sol = torch.rand(b, generator=gen) < cfg.solarize_p
+    # Every value is drawn inside cfg's ranges, which AugmentConfig checked: valid by construction, so
+    # the step renders them unchecked. The blur sigmas go to Python here (a CPU array, no device).
+    source_blur = tuple(float(v) for v in np.where(blur.numpy(), sigma.numpy(), np.float32(0.0)))
     return ViewParams(crop=crop, flip=flip, source_jitter=source_jitter, target_jitter=target_jitter,
                       source_jitter_applied=source_applied, target_jitter_applied=target_applied, grayscale=gray,
                       blur=blur, blur_sigma=sigma, solarize=sol, solarize_threshold=float(cfg.solarize_threshold),
-                      out_size=cfg.out_size)
+                      out_size=cfg.out_size, validated=True, source_blur=source_blur)
 
 
 def action_from_params(params: ViewParams) -> torch.Tensor:
@@ -333,8 +344,12 @@ def render_views(images: torch.Tensor, params: ViewParams, cfg: AugmentConfig, *
     images = _prepare(images)
     _check_params(params, images.shape[0])
     cpu = params.to("cpu")
+    plan, vouched = None, params.validated and params.source_blur is not None
+    if vouched:  # made by sample_view_params: no range checks, and a blur plan from Python numbers
+        plan = blur_plan_from_sigmas([params.source_blur, (0.0,) * len(params)])
     return photometric_two_view(images, cpu.photometric_params("source"), cpu.photometric_params("target"),
-                                mean=cfg.mean, std=cfg.std, out_dtype=cfg.out_dtype, backend=backend)
+                                mean=cfg.mean, std=cfg.std, out_dtype=cfg.out_dtype, backend=backend,
+                                plan=plan, check_values=not vouched)
 
 
 def make_views(images: torch.Tensor, cfg: AugmentConfig, *, seed: int, step: int,

@@ -122,6 +122,12 @@ class MaskBatch:
         sorted, samples one after another; context_cu [B+1] int32 delimits them.
     target_index [Tt] int32: the target blocks, sample-major (sequence b*M + j is block j of sample b),
         indices sorted within a block; target_cu [B*M+1] int32 delimits the blocks.
+    context_sizes [B], target_sizes [B*M]: the same lengths as Python ints, computed where the masks
+        are made (the sampler, in NumPy, in the loader workers), so the training step sizes its launches
+        (`longest_context`, `predictor_max_seqlen`, ...) without reading a tensor back. None when
+        unknown (a MaskBatch built by hand); the properties then read the offsets (a host sync).
+    validated: the tensors' values were made or checked on the CPU (the sampler, from_ijepa): the
+        model then skips its value checks (no host sync). Do not change the tensors in place after.
     """
     context_index: torch.Tensor
     context_cu: torch.Tensor
@@ -134,12 +140,75 @@ class MaskBatch:
     context_block: Optional[Grid] = None      # (h, w) of the context block ("block" mode)
     fallbacks: int = 0                         # samples whose context needed the min_keep fallback
     fallback_rows: tuple[int, ...] = ()        # which samples those are (so a slice keeps its own count)
+    context_sizes: Optional[tuple[int, ...]] = None  # [B] context lengths, Python ints
+    target_sizes: Optional[tuple[int, ...]] = None   # [B*M] target block lengths, Python ints
+    validated: bool = False                    # values made or checked on the CPU (see the docstring)
 
     _TENSORS = ("context_index", "context_cu", "target_index", "target_cu")
+
+    def __post_init__(self):
+        # Shape-only consistency of the Python lengths with the tensors (no value read).
+        for name, sizes, count, total in (
+                ("context_sizes", self.context_sizes, self.batch_size, self.context_index.numel()),
+                ("target_sizes", self.target_sizes, self.batch_size * self.num_targets, self.target_index.numel())):
+            if sizes is None:
+                continue
+            if len(sizes) != count or sum(sizes) != total or any(n < 0 for n in sizes):
+                raise ValueError(f"{name}: {len(sizes)} lengths summing to {sum(sizes)} do not describe "
+                                 f"{count} sequences of {total} packed indices")
 
     @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    # -- lengths as Python ints (no tensor read when the sampler made the batch) ----------------------
+    def _context_sizes(self) -> tuple[int, ...]:
+        if self.context_sizes is not None:
+            return self.context_sizes
+        return tuple((self.context_cu[1:] - self.context_cu[:-1]).tolist())  # hand-built: a host read
+
+    def _target_sizes(self) -> tuple[int, ...]:
+        if self.target_sizes is not None:
+            return self.target_sizes
+        return tuple((self.target_cu[1:] - self.target_cu[:-1]).tolist())
+
+    @property
+    def context_tokens(self) -> int:
+        """Context indices of the whole batch (a shape: never a read)."""
+        return self.context_index.numel()
+
+    @property
+    def target_tokens(self) -> int:
+        return self.target_index.numel()
+
+    @property
+    def longest_context(self) -> int:
+        return max(self._context_sizes(), default=0)
+
+    @property
+    def longest_target_block(self) -> int:
+        return max(self._target_sizes(), default=0)
+
+    def sample_target_sizes(self) -> tuple[int, ...]:
+        """[B] all M target blocks of each sample together."""
+        t, m = self._target_sizes(), self.num_targets
+        return tuple(sum(t[b * m:(b + 1) * m]) for b in range(self.batch_size))
+
+    @property
+    def longest_sample_targets(self) -> int:
+        return max(self.sample_target_sizes(), default=0)
+
+    def predictor_max_seqlen(self, shared_context: bool, extra_per_sample: int = 0) -> int:
+        """Longest sequence `pack_predictor_sequences` makes from these masks: [context, extra, block j]
+        per (sample, block), or [context, extra, every block] per sample with `shared_context`;
+        `extra_per_sample` tokens join each context (sequence conditioning: one per action component)."""
+        ctx = self._context_sizes()
+        if shared_context:
+            per = [c + extra_per_sample + t for c, t in zip(ctx, self.sample_target_sizes())]
+        else:
+            t, m = self._target_sizes(), self.num_targets
+            per = [ctx[b] + extra_per_sample + max(t[b * m:(b + 1) * m], default=0) for b in range(self.batch_size)]
+        return max(per, default=0)
 
     @property
     def target_cu_per_sample(self) -> torch.Tensor:
@@ -165,12 +234,14 @@ class MaskBatch:
         if not (0 <= start <= stop <= self.batch_size):
             raise ValueError(f"start, stop: [{start}, {stop}) is not within the batch of {self.batch_size}")
         m = self.num_targets
-        c0, c1 = int(self.context_cu[start]), int(self.context_cu[stop])
-        t0, t1 = int(self.target_cu[start * m]), int(self.target_cu[stop * m])
+        ctx, tgt = self._context_sizes(), self._target_sizes()  # Python ints: no tensor read
+        c0, c1 = sum(ctx[:start]), sum(ctx[:stop])
+        t0, t1 = sum(tgt[:start * m]), sum(tgt[:stop * m])
         rows = tuple(r - start for r in self.fallback_rows if start <= r < stop)
         return replace(self, context_index=self.context_index[c0:c1], context_cu=self.context_cu[start:stop + 1] - c0,
                        target_index=self.target_index[t0:t1], target_cu=self.target_cu[start * m:stop * m + 1] - t0,
-                       batch_size=stop - start, fallbacks=len(rows), fallback_rows=rows)
+                       batch_size=stop - start, fallbacks=len(rows), fallback_rows=rows,
+                       context_sizes=ctx[start:stop], target_sizes=tgt[start * m:stop * m])
 
     def dense_context(self) -> torch.Tensor:
         """[B, N] bool: True where a patch is in the sample's context."""
@@ -187,23 +258,24 @@ class MaskBatch:
         Like I-JEPA's collator, every context is cut to the shortest context of the batch and every
         target block to the shortest block, keeping the lowest indices (this loses patches; prefer the
         packed form)."""
-        enc = _truncate(self.context_index, self.context_cu, self.batch_size)
-        tgt = _truncate(self.target_index, self.target_cu, self.batch_size * self.num_targets)
+        enc = _truncate(self.context_index, self.context_cu, min(self._context_sizes(), default=0))
+        tgt = _truncate(self.target_index, self.target_cu, min(self._target_sizes(), default=0))
         tgt = tgt.view(self.batch_size, self.num_targets, -1)
         return [enc], [tgt[:, j] for j in range(self.num_targets)]
 
     def truncated(self) -> "MaskBatch":
         """The I-JEPA-truncated form (`to_ijepa`) packed again, keeping the block sizes and the
         fallback count (the same samples still had their context relaxed)."""
-        packed = MaskBatch.from_ijepa(*self.to_ijepa(), grid=self.grid)
-        return replace(packed, target_block=self.target_block, context_block=self.context_block,
+        packed = MaskBatch.from_ijepa(*self.to_ijepa(), grid=self.grid, check_values=not self.validated)
+        return replace(packed, validated=True, target_block=self.target_block, context_block=self.context_block,
                        fallbacks=self.fallbacks, fallback_rows=self.fallback_rows)
 
     @classmethod
     def from_ijepa(cls, masks_enc: Sequence[torch.Tensor], masks_pred: Sequence[torch.Tensor],
-                   grid: Union[int, Grid]) -> "MaskBatch":
+                   grid: Union[int, Grid], *, check_values: bool = True) -> "MaskBatch":
         """Pack I-JEPA's collated masks (one context tensor [B, Kc], M target tensors [B, Kt]).
-        Indices are sorted within each row (I-JEPA's already are)."""
+        Indices are sorted within each row (I-JEPA's already are). The index range is checked (a host
+        read), which makes the result `validated`; check_values=False is for masks already checked."""
         grid = _check_grid(grid)
         n = grid[0] * grid[1]
         if not isinstance(masks_enc, (list, tuple)) or len(masks_enc) != 1:
@@ -212,10 +284,10 @@ class MaskBatch:
         if not isinstance(masks_pred, (list, tuple)) or len(masks_pred) < 1:
             raise ValueError("masks_pred: expected a non-empty list of [B, K] target tensors")
         enc = masks_enc[0]
-        _check_ijepa_mask(enc, "masks_enc[0]", n)
+        _check_ijepa_mask(enc, "masks_enc[0]", n, check_values)
         batch = enc.shape[0]
         for j, m in enumerate(masks_pred):
-            _check_ijepa_mask(m, f"masks_pred[{j}]", n)
+            _check_ijepa_mask(m, f"masks_pred[{j}]", n, check_values)
             if m.shape != masks_pred[0].shape or m.shape[0] != batch:
                 raise ValueError(f"masks_pred[{j}]: shape {tuple(m.shape)} differs from masks_pred[0]'s "
                                  f"{tuple(masks_pred[0].shape)} or from masks_enc[0]'s batch {batch}")
@@ -228,17 +300,23 @@ class MaskBatch:
             context_cu=(torch.arange(batch + 1, device=device) * ctx.shape[1]).to(torch.int32),
             target_index=tgt.reshape(-1).to(torch.int32),
             target_cu=(torch.arange(batch * m_count + 1, device=device) * kt).to(torch.int32),
-            batch_size=batch, num_targets=m_count, grid=grid)
+            batch_size=batch, num_targets=m_count, grid=grid, context_sizes=(ctx.shape[1],) * batch,
+            target_sizes=(kt,) * (batch * m_count), validated=check_values)
 
     def __repr__(self) -> str:
-        parts = [f"{f.name}={tuple(getattr(self, f.name).shape)}" if f.name in self._TENSORS
-                 else f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)]
+        def show(name, value):
+            if name in self._TENSORS:
+                return f"{name}={tuple(value.shape)}"
+            if name in ("context_sizes", "target_sizes") and value is not None:
+                return f"{name}=<{len(value)} ints>"
+            return f"{name}={value!r}"
+        parts = [show(f.name, getattr(self, f.name)) for f in fields(self)]
         return f"MaskBatch({', '.join(parts)})"
 
 
-def _check_ijepa_mask(m: object, name: str, n: int) -> None:
+def _check_ijepa_mask(m: object, name: str, n: int, check_values: bool = True) -> None:
     check_tensor(m, name, dtypes=INDEX_DTYPES, ndim=2)
-    check_index_range(m, name, n)
+    check_index_range(m, name, n, check_values=check_values)
 
 
 def _dense(index: torch.Tensor, cu: torch.Tensor, rows: int, n: int) -> torch.Tensor:
@@ -249,9 +327,9 @@ def _dense(index: torch.Tensor, cu: torch.Tensor, rows: int, n: int) -> torch.Te
     return out
 
 
-def _truncate(index: torch.Tensor, cu: torch.Tensor, rows: int) -> torch.Tensor:
-    lengths = cu[1:] - cu[:-1]
-    k = int(lengths.min()) if rows else 0
+def _truncate(index: torch.Tensor, cu: torch.Tensor, k: int) -> torch.Tensor:
+    """[rows, k]: the first k indices of each row (k: the shortest row, known as a Python int)."""
+    rows = cu.numel() - 1
     cols = torch.arange(k, device=index.device)
     return index[(cu[:-1].long()[:, None] + cols[None, :])].long() if rows else index.new_zeros(0, 0).long()
 
@@ -417,10 +495,13 @@ class MultiBlockMaskSampler:
         ctx_index = np.nonzero(context)[1].astype(np.int32)
         block = t_size[0] * t_size[1]
         tgt_cu = np.arange(batch_size * M + 1, dtype=np.int32) * np.int32(block)
+        # The lengths as Python ints, from the NumPy arrays (the step then reads nothing back), and the
+        # values are ours: validated, so the model skips its value checks.
         return MaskBatch(torch.from_numpy(ctx_index), torch.from_numpy(ctx_cu),
                          torch.from_numpy(targets.reshape(-1).astype(np.int32)), torch.from_numpy(tgt_cu),
                          batch_size, M, (H, W), t_size, c_size if self.context_mode == "block" else None,
-                         len(fallback_rows), fallback_rows)
+                         len(fallback_rows), fallback_rows, context_sizes=tuple(context.sum(1).tolist()),
+                         target_sizes=(block,) * (batch_size * M), validated=True)
 
     def __repr__(self) -> str:
         return (f"MultiBlockMaskSampler(grid={self.grid}, num_targets={self.num_targets}, "

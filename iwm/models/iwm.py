@@ -1,6 +1,6 @@
 """`IWM`: encoder, EMA target encoder and predictor, and the training step's loss.
 
-One step (DESIGN.md §2): encode the context tokens of the source view x; encode the whole target view
+One step (docs/design.md, "What one training step computes"): encode the context tokens of the source view x; encode the whole target view
 y with the target encoder and take `layer_norm(f̄(y))` at the target positions (normalising only the
 gathered rows, fused in `gather_tokens`); predict those latents from the context under the action
 a(x→y); regress with L2 (or smooth-L1).
@@ -25,7 +25,7 @@ LOSSES = ("l2", "smooth_l1")
 
 class IWM(nn.Module):
     def __init__(self, encoder: VisionTransformer, predictor: VisionTransformerPredictor, *, loss: str = "l2",
-                 target_encoder: Optional[VisionTransformer] = None, check_inputs: bool = True):
+                 target_encoder: Optional[VisionTransformer] = None, check_inputs: bool = False):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}")
@@ -37,11 +37,14 @@ class IWM(nn.Module):
         self.loss_name = loss
         self.check_inputs = check_inputs
 
+    # check_inputs: also read the images and the action to refuse NaN/Inf (a host sync each step: for
+    # interactive use). Off by default: the training step reads nothing back from the device.
     @classmethod
-    def from_preset(cls, name: str | ModelPreset = "tiny", *, loss: str = "l2", **overrides) -> "IWM":
+    def from_preset(cls, name: str | ModelPreset = "tiny", *, loss: str = "l2", check_inputs: bool = False,
+                    **overrides) -> "IWM":
         preset = name if isinstance(name, ModelPreset) else get_preset(name, **overrides)
         encoder, predictor = build_models(preset)
-        model = cls(encoder, predictor, loss=loss)
+        model = cls(encoder, predictor, loss=loss, check_inputs=check_inputs)
         model.preset = preset
         return model
 
@@ -81,7 +84,8 @@ class IWM(nn.Module):
         """layer_norm(f̄(y)) at the target positions, packed [Tt, D] in the masks' target order."""
         h = self.target_encoder(target, backend=backend)
         return iwm_kernels.gather_tokens(h, masks.target_index, masks.target_cu_per_sample, normalize=True,
-                                         eps=1e-5, backend=backend)
+                                         eps=1e-5, backend=backend,
+                                         check_values=not getattr(masks, "validated", False))
 
     def forward(self, source: torch.Tensor, target: torch.Tensor, masks, action: Optional[torch.Tensor] = None,
                 *, backend: Optional[str] = None) -> tuple[torch.Tensor, dict]:
@@ -89,11 +93,16 @@ class IWM(nn.Module):
 
         source, target: the two normalised views [B, 3, H, W]; masks: an `iwm.masks.MaskBatch` on the
         images' device; action: a(x→y) [B, 7] (required unless conditioning is "none").
+        With a `validated` MaskBatch (the sampler's) and check_inputs off (the default), nothing in the
+        step reads a value back from the device (no host sync); the statistics' token counts are ints.
         """
         self._validate(source, target, masks, action)
+        vouched = getattr(masks, "validated", False)
         with torch.no_grad():
             targets = self.targets(target, masks, backend)
-        context = self.encoder(source, masks.context_index, cu_seqlens=masks.context_cu, backend=backend)
+        longest = masks.longest_context if vouched else None
+        context = self.encoder(source, masks.context_index, cu_seqlens=masks.context_cu, max_seqlen=longest,
+                               backend=backend, check_values=not vouched)
         pred = self.predictor(context, masks, action=action, backend=backend)
         if self.loss_name == "l2":
             loss = F.mse_loss(pred.float(), targets.float())
@@ -103,8 +112,8 @@ class IWM(nn.Module):
             stats = {
                 "target_std": targets.float().std(dim=0).mean().detach() if targets.shape[0] > 1 else targets.new_zeros(()),
                 "pred_std": pred.float().std(dim=0).mean().detach() if pred.shape[0] > 1 else pred.new_zeros(()),
-                "context_tokens": int(masks.context_index.numel()),
-                "target_tokens": int(masks.target_index.numel()),
+                "context_tokens": masks.context_tokens,
+                "target_tokens": masks.target_tokens,
             }
         return loss, stats
 

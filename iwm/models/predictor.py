@@ -117,18 +117,19 @@ class VisionTransformerPredictor(nn.Module):
         return action[..., None] * self.action_token_weight + self.action_token_bias
 
     def mask_tokens(self, target_index: torch.Tensor, cu_per_sample: Optional[torch.Tensor],
-                    action: Optional[torch.Tensor], backend: Optional[str]) -> torch.Tensor:
+                    action: Optional[torch.Tensor], backend: Optional[str], check_values: bool = True) -> torch.Tensor:
         """Conditioned mask tokens at the target positions: packed [T, dim] (or [B, K, dim] for a
         rectangular [B, K] index)."""
         batch = (cu_per_sample.numel() - 1) if cu_per_sample is not None else target_index.shape[0]
         if self.conditioning == "feature":
             per_position = self.action_mlp.position_part(self.mask_token[0] + self.predictor_pos_embed[0])
             hidden = iwm_kernels.gather_tokens(per_position[None], target_index, cu_per_sample,
-                                               bias=self.action_mlp.sample_part(action), backend=backend)
+                                               bias=self.action_mlp.sample_part(action), backend=backend,
+                                               check_values=check_values)
             return self.action_mlp.finish(hidden)
         bias = self.mask_token[0].expand(batch, self.dim)
         return iwm_kernels.gather_tokens(self.predictor_pos_embed, target_index, cu_per_sample, bias=bias,
-                                         backend=backend)
+                                         backend=backend, check_values=check_values)
 
     # -- packed ragged path ---------------------------------------------------------------------------
     def forward(self, context: torch.Tensor, masks_x=None, masks=None, *, action: Optional[torch.Tensor] = None,
@@ -137,7 +138,8 @@ class VisionTransformerPredictor(nn.Module):
 
         Packed (ours): `forward(context [Tc, E], mask_batch, action=a)` where `mask_batch` is an
         `iwm.masks.MaskBatch` (context_index/context_cu, target_index/target_cu, num_targets) ->
-        `[Tt, E]` in the mask batch's packed target order.
+        `[Tt, E]` in the mask batch's packed target order. A `validated` MaskBatch (the sampler's) is
+        used unchecked, with its Python lengths sizing the launches: nothing is read back from the device.
 
         I-JEPA's convention: `forward(z, masks_x, masks)` with lists of `[B, K]` index tensors ->
         `[len(masks) * B, K, E]`, equal to I-JEPA's VisionTransformerPredictor on the same weights.
@@ -154,20 +156,27 @@ class VisionTransformerPredictor(nn.Module):
         shared = self.shared_context if shared_context is None else shared_context
         batch, num_targets = mb.batch_size, mb.num_targets
         action = self._check_action(action, batch)
+        checked = not getattr(mb, "validated", False)
         cu_targets = mb.target_cu_per_sample
         x = self.predictor_embed(context)
         x = x + iwm_kernels.gather_tokens(self.predictor_pos_embed, mb.context_index, mb.context_cu,
-                                          backend=backend).to(x.dtype)
-        tokens = self.mask_tokens(mb.target_index, cu_targets, action, backend).to(x.dtype)
+                                          backend=backend, check_values=checked).to(x.dtype)
+        tokens = self.mask_tokens(mb.target_index, cu_targets, action, backend, checked).to(x.dtype)
         extra = extra_cu = None
         if self.conditioning == "sequence":
             extra = self.action_tokens(action).reshape(batch * self.action_dim, self.dim).to(x.dtype)
             extra_cu = torch.arange(batch + 1, device=x.device, dtype=torch.int32) * self.action_dim
+        # Sequence conditioning adds action_dim tokens to every context: a known constant per sample.
+        longest = None
+        if hasattr(mb, "predictor_max_seqlen") and (not checked or mb.context_sizes is not None):
+            longest = mb.predictor_max_seqlen(shared, self.action_dim if extra is not None else 0)
         packed = pack_predictor_sequences(x, mb.context_cu, tokens, mb.target_cu, num_targets,
-                                          shared_context=shared, extra=extra, extra_cu=extra_cu)
+                                          shared_context=shared, extra=extra, extra_cu=extra_cu,
+                                          max_seqlen=longest, check_values=checked)
         h = packed.x
         for block in self.predictor_blocks:
-            h = block(h, packed.cu_seqlens, packed.max_seqlen, segment_ids=packed.segment_ids, backend=backend)
+            h = block(h, packed.cu_seqlens, packed.max_seqlen, segment_ids=packed.segment_ids, backend=backend,
+                      check_values=checked)
         h = unpack_targets(h, packed)
         return self.predictor_proj(self.predictor_norm(h))
 

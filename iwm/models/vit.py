@@ -61,8 +61,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                segment_ids: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, segment_ids=segment_ids, backend=backend)
+                segment_ids: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                check_values: bool = True) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, segment_ids=segment_ids, backend=backend,
+                          check_values=check_values)
         return x + self.mlp(self.norm2(x))
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +140,8 @@ class VisionTransformer(nn.Module):
                              f"{tuple(images.shape[-2:])}")
 
     def forward(self, images: torch.Tensor, masks=None, *, cu_seqlens: Optional[torch.Tensor] = None,
-                max_seqlen: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+                max_seqlen: Optional[int] = None, backend: Optional[str] = None,
+                check_values: bool = True) -> torch.Tensor:
         """Encode images.
 
         - `forward(images)` -> `[B, N, D]` (every patch).
@@ -146,6 +149,10 @@ class VisionTransformer(nn.Module):
           -> packed `[T, D]`: each sample's own (ragged) token subset, no padding.
         - `forward(images, masks)` with I-JEPA's list of `[B, K]` index tensors -> `[len(masks)*B, K, D]`,
           exactly I-JEPA's `VisionTransformer.forward(x, masks)`.
+
+        max_seqlen: the longest packed sequence (a Python int >= it), or None to read it from
+        cu_seqlens (a host sync). check_values=False: index and offsets are vouched for (a sampler's
+        MaskBatch, `validated`): with max_seqlen given, nothing is read back from the device.
         """
         self._check_images(images)
         tokens = self.patch_embed(images)
@@ -161,11 +168,12 @@ class VisionTransformer(nn.Module):
             return self.norm(x)
         if cu_seqlens is None:
             raise ValueError("cu_seqlens: required with a packed index (or pass I-JEPA's list of [B, K] masks)")
-        x = iwm_kernels.gather_tokens(tokens, masks, cu_seqlens, pos=self.pos_embed, backend=backend)
+        x = iwm_kernels.gather_tokens(tokens, masks, cu_seqlens, pos=self.pos_embed, backend=backend,
+                                      check_values=check_values)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         for block in self.blocks:
-            x = block(x, cu_seqlens, max_seqlen, backend=backend)
+            x = block(x, cu_seqlens, max_seqlen, backend=backend, check_values=check_values)
         return self.norm(x)
 
 

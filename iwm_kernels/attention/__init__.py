@@ -113,9 +113,9 @@ def run_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 @torch.library.custom_op("iwm::varlen_attention", mutates_args=(), device_types=None)
 def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                         max_seqlen: int, segment_ids: Optional[torch.Tensor], scale: float, backend: str
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen)
+                         max_seqlen: int, segment_ids: Optional[torch.Tensor], scale: float, backend: str,
+                         check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen, check_values=check_values)
     if backend == "triton":
         from . import triton_kernels
 
@@ -124,12 +124,12 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
         if backend == "native":
             out = native.varlen_attention(q, k, v, layout, scale)
         else:
-            out = reference.varlen_attention(q, k, v, cu_seqlens, segment_ids, scale)
+            out = reference.varlen_attention(q, k, v, layout.cu_seqlens, segment_ids, scale)
     return out, q.new_empty((0,), dtype=torch.float32)
 
 
 @_varlen_attention_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend):
+def _(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend, check_values=True):
     lse_shape = (q.shape[1], q.shape[0]) if backend == "triton" else (0,)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -137,35 +137,35 @@ def _(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend):
 @torch.library.custom_op("iwm::varlen_attention_backward", mutates_args=(), device_types=None)
 def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                                  segment_ids: Optional[torch.Tensor], scale: float, backend: str
-                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen)
+                                  segment_ids: Optional[torch.Tensor], scale: float, backend: str,
+                                  check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen, check_values=check_values)
     if backend == "triton":
         from . import triton_kernels
 
         return triton_kernels.backward(grad_out, q, k, v, out, lse, layout, max_seqlen, scale)
     if backend == "native":
         return native.varlen_attention_backward(grad_out, q, k, v, layout, scale)
-    return reference.varlen_attention_backward(grad_out, q, k, v, cu_seqlens, segment_ids, scale)
+    return reference.varlen_attention_backward(grad_out, q, k, v, layout.cu_seqlens, segment_ids, scale)
 
 
 @_varlen_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, segment_ids, scale, backend):
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, segment_ids, scale, backend, check_values=True):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend = inputs
+    q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend, check_values = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, segment_ids)
-    ctx.max_seqlen, ctx.scale, ctx.backend = max_seqlen, scale, backend
+    ctx.max_seqlen, ctx.scale, ctx.backend, ctx.check_values = max_seqlen, scale, backend, check_values
 
 
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens, segment_ids = ctx.saved_tensors
     dq, dk, dv = _varlen_attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
-                                               segment_ids, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None
+                                               segment_ids, ctx.scale, ctx.backend, ctx.check_values)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -175,7 +175,8 @@ _varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, *, segment_ids: Optional[torch.Tensor] = None,
-                     scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+                     scale: Optional[float] = None, backend: Optional[str] = None,
+                     check_values: bool = True) -> torch.Tensor:
     """Softmax attention inside each packed sequence: out[T, H, Dh].
 
     q, k, v: packed [T, H, Dh], same shape, dtype (float32, bfloat16, float16; float64 on the
@@ -184,13 +185,19 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     cu_seqlens: [num_seqs + 1] int32/int64 offsets on q's device: sequence i is rows
         cu_seqlens[i]:cu_seqlens[i+1]; empty sequences are allowed. A token attends only within its
         own sequence.
-    max_seqlen: a Python int >= the longest sequence; only a bound (the Triton grid is sized from the
-        longest sequence the layout's value check finds, so a loose bound costs nothing).
+    max_seqlen: a Python int >= the longest sequence. Checked calls use it only as a bound (the Triton
+        grid is sized from the longest sequence the value check finds); with check_values=False it
+        must be >= the longest and it sizes the launch (the native padding, the Triton grid).
     segment_ids: optional [T] int labels of the predictor's shared-context structure. Inside each
         sequence every segment is contiguous and segment 0 (context) comes first. A query in segment 0
         sees only segment-0 keys; a query in segment g > 0 sees segment-0 keys and its own segment's.
     scale: softmax scale, default 1/sqrt(Dh).
     backend: "reference" | "triton" | "native"; default from IWM_KERNELS_BACKEND, else automatic.
+    check_values: read cu_seqlens and segment_ids to validate them (a host round trip, a device sync
+        on CUDA; cached per offsets tensor). False is for layouts the caller vouches for (a sampler's
+        MaskBatch packed by pack_predictor_sequences): nothing is read back on the native and Triton
+        backends, the offsets are clamped into range on the device. The reference backend loops over
+        the sequences in Python, so it reads cu_seqlens either way (the slow clarity path).
 
     Accumulation is fp32 for every input dtype, and the output has q's dtype, under autocast too.
     Differentiable in q, k and v; twice through the reference and triton backends (see
@@ -205,7 +212,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     chosen = resolve_backend(backend, q.device, "varlen_attention")
     if chosen == "triton":
         _check_triton_support(q)
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
     if torch.compiler.is_compiling():
-        return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, chosen)[0]
-    layout = prepare(cu_seqlens, segment_ids, T, max_seqlen)
+        return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, chosen, check_values)[0]
+    layout = prepare(cu_seqlens, segment_ids, T, max_seqlen, check_values=check_values)
     return run_backend(chosen, q, k, v, layout, max_seqlen, scale)

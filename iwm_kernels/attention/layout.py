@@ -12,8 +12,12 @@ contiguous and segment 0 comes first, the keys a whole tile of queries can see a
 other key tile.
 
 `prepare` validates the values (a device sync on CUDA) and computes these arrays once per pair of
-offset tensors: a predictor calls the attention once per layer with the same cu_seqlens/segment_ids,
-so the result is cached on the identity and version counter of those tensors (the cache holds them,
+offset tensors. With `check_values=False` (inputs the caller vouches for, e.g. a sampler's MaskBatch)
+nothing is read back: `longest` is then the caller's max_seqlen (a bound that sizes the launches), the
+offsets are clamped on the device into a monotone [0, T] range (so the kernels' row ranges stay inside
+the packed tensors; wrong values give wrong rows), and every array below is computed without a
+data-dependent shape. A predictor calls the attention once per layer with the same
+cu_seqlens/segment_ids, so the result is cached on the identity and version counter of those tensors (the cache holds them,
 so an id cannot be reused by another tensor while its entry lives; a few entries only). Inference
 tensors have no version counter and are not cached.
 """
@@ -24,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .._validate import check_cu_seqlens, check_max_seqlen, check_segment_ids
+from .._validate import check_cu_seqlens, check_max_seqlen, check_segment_ids, clamp_cu_seqlens
 
 
 @dataclass
@@ -33,7 +37,9 @@ class Layout:
     segment_ids: Optional[torch.Tensor]    # the caller's segment labels (None: plain varlen)
     total: int                             # packed rows
     num_seqs: int
-    longest: int                           # longest sequence (<= the caller's max_seqlen)
+    longest: int                           # longest sequence (checked), or the caller's bound (unchecked)
+    checked: bool = True                   # values validated (False: vouched for, not read)
+    source_cu: Optional[torch.Tensor] = None  # the caller's offsets when cu_seqlens is their clamped copy
     _cache: dict = field(default_factory=dict, repr=False)
 
     def _get(self, key, make):
@@ -75,13 +81,18 @@ class Layout:
         zeros = torch.zeros(self.num_seqs, dtype=torch.long, device=device)
         ctx_len = zeros.index_add(0, seq, (seg == 0).long())
         ctx_end = cu[:-1] + ctx_len
-        run_start = torch.zeros(self.total, dtype=torch.bool, device=device)
-        run_start[cu[:-1][self.lengths > 0]] = True
+        # Run boundaries without a data-dependent shape (no nonzero: no host read): a row's run starts
+        # at the latest run start at or before it and ends at the next run start after it. An empty
+        # sequence marks a start that the next sequence shares (or the spare slot T).
+        marks = torch.zeros(self.total + 1, dtype=torch.bool, device=device)
+        marks[cu[:-1]] = True
+        run_start = marks[:self.total].clone()
         run_start[1:] |= seg[1:] != seg[:-1]
-        starts = torch.nonzero(run_start).squeeze(1)
-        ends = torch.cat([starts[1:], starts.new_tensor([self.total])])
-        run = torch.cumsum(run_start.long(), 0) - 1
-        lo, hi = starts[run], ends[run]
+        rows = torch.arange(self.total, device=device)
+        lo = torch.cummax(torch.where(run_start, rows, torch.zeros_like(rows)), 0).values
+        next_start = torch.cat([run_start[1:], run_start.new_ones(1)])
+        ends = torch.where(next_start, rows + 1, torch.full_like(rows, self.total))
+        hi = torch.flip(torch.cummin(torch.flip(ends, (0,)), 0).values, (0,))
         in_ctx = seg == 0
         lo = torch.where(in_ctx, ctx_end[seq], lo)
         hi = torch.where(in_ctx, ctx_end[seq], hi)
@@ -104,7 +115,8 @@ _MAX_ENTRIES = 4
 
 def _alive(entry, cu, seg) -> bool:
     layout, cu_version, seg_version = entry
-    if layout.cu_seqlens is not cu or cu._version != cu_version:
+    own = layout.source_cu if layout.source_cu is not None else layout.cu_seqlens
+    if own is not cu or cu._version != cu_version:
         return False
     if seg is None:
         return layout.segment_ids is None
@@ -113,27 +125,41 @@ def _alive(entry, cu, seg) -> bool:
 
 def prepare(cu_seqlens: torch.Tensor, segment_ids: Optional[torch.Tensor], total: int, max_seqlen: int,
             *, check_values: bool = True) -> Layout:
-    """Validate the values of a packed layout (structure is checked by the caller) and describe it."""
+    """Validate the values of a packed layout (structure is checked by the caller) and describe it.
+
+    check_values=False: nothing is read back (no host sync); max_seqlen must be >= the longest
+    sequence, it sizes the launches (the caller vouches for it and for the offsets and segments)."""
     # An inference tensor (made under torch.inference_mode) has no version counter, so an in-place change
     # to it could not be noticed: such layouts are validated on every call and never cached.
     cacheable = not cu_seqlens.is_inference() and (segment_ids is None or not segment_ids.is_inference())
-    key = (id(cu_seqlens), id(segment_ids) if segment_ids is not None else None, total)
-    entry = _cache.get(key) if cacheable else None
-    if entry is not None and _alive(entry, cu_seqlens, segment_ids):
-        layout = entry[0]
-    else:
-        check_cu_seqlens(cu_seqlens, "cu_seqlens", total, check_values=check_values)
-        if segment_ids is not None:
-            check_segment_ids(segment_ids, "segment_ids", cu_seqlens, total, check_values=check_values)
+    base = (id(cu_seqlens), id(segment_ids) if segment_ids is not None else None, total)
+    # A checked layout serves every later call; an unchecked one only unchecked calls with its bound.
+    keys = [base + (None,)] + ([] if check_values else [base + (max_seqlen,)])
+    layout = None
+    for key in keys if cacheable else ():
+        entry = _cache.get(key)
+        if entry is not None and _alive(entry, cu_seqlens, segment_ids):
+            layout = entry[0]
+            break
+    if layout is None:
         num_seqs = cu_seqlens.numel() - 1
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        longest = int(lengths.max()) if num_seqs else 0
-        layout = Layout(cu_seqlens, segment_ids, total, num_seqs, longest)
+        if check_values:
+            check_cu_seqlens(cu_seqlens, "cu_seqlens", total)
+            if segment_ids is not None:
+                check_segment_ids(segment_ids, "segment_ids", cu_seqlens, total)
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            longest = int(lengths.max()) if num_seqs else 0
+            layout = Layout(cu_seqlens, segment_ids, total, num_seqs, longest)
+        else:
+            check_max_seqlen(max_seqlen, "max_seqlen")
+            safe = clamp_cu_seqlens(cu_seqlens, total)
+            lengths = (safe[1:] - safe[:-1]).long()
+            layout = Layout(safe, segment_ids, total, num_seqs, int(max_seqlen), checked=False, source_cu=cu_seqlens)
         layout._cache["lengths"] = lengths
         if cacheable:
-            _cache[key] = (layout, cu_seqlens._version, segment_ids._version if segment_ids is not None else None)
+            _cache[keys[-1]] = (layout, cu_seqlens._version, segment_ids._version if segment_ids is not None else None)
             while len(_cache) > _MAX_ENTRIES:
                 _cache.pop(next(iter(_cache)))
-    if isinstance(max_seqlen, int) and layout.longest > max_seqlen:
+    if layout.checked and isinstance(max_seqlen, int) and layout.longest > max_seqlen:
         check_max_seqlen(max_seqlen, "max_seqlen", layout.lengths)
     return layout

@@ -33,8 +33,9 @@ class VarlenSelfAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                segment_ids: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
-        """x [T, D] packed tokens -> [T, D]."""
+                segment_ids: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+                check_values: bool = True) -> torch.Tensor:
+        """x [T, D] packed tokens -> [T, D]. check_values: as for `varlen_attention`."""
         from . import native, prepare, varlen_attention
 
         if x.dim() != 2:
@@ -47,11 +48,11 @@ class VarlenSelfAttention(nn.Module):
             # Attention-probability dropout is not fused: the padded SDPA path applies it.
             warn_once("varlen-attn-drop", "VarlenSelfAttention: attn_drop > 0 runs the padded SDPA path "
                                           "(the fused kernels have no attention dropout)")
-            layout = prepare(cu_seqlens, segment_ids, T, max_seqlen)
+            layout = prepare(cu_seqlens, segment_ids, T, max_seqlen, check_values=check_values)
             out = native.varlen_attention(q, k, v, layout, self.scale, dropout_p=self.attn_drop)
         else:
             out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, segment_ids=segment_ids, scale=self.scale,
-                                   backend=backend)
+                                   backend=backend, check_values=check_values)
         return self.proj_drop(self.proj(out.reshape(T, D)))
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:

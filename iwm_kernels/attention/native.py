@@ -77,7 +77,8 @@ def mask(layout: Layout) -> Optional[torch.Tensor]:
         ar = torch.arange(L, device=device)
         valid = ar[None, :] < lengths[:, None]                             # [S, L]
         if layout.segment_ids is None:
-            if bool((lengths == L).all()):
+            # Every length is <= L and they sum to T, so T == S * L means all equal L (no value read).
+            if layout.total == S * L:
                 return None
             return (valid | (lengths == 0)[:, None])[:, None, None, :]     # key padding only
         seg = torch.full((S * L,), -1, dtype=torch.long, device=device)

@@ -16,7 +16,9 @@ Two packings:
                                 packing's at depth 1 and differ from depth 2 on.
 
 Everything is vectorised: one gather index built with repeat_interleave, no loop over samples. The
-only host read is the longest sequence (max_seqlen, which sizes the attention launch).
+longest sequence (max_seqlen, which sizes the attention launch) is read back from the device unless the
+caller passes it; with `max_seqlen` given and `check_values=False` (a sampler's MaskBatch knows its
+lengths as Python ints: `MaskBatch.predictor_max_seqlen`) nothing is read back.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .._validate import check_cu_seqlens, check_tensor
+from .._validate import check_cu_seqlens, check_max_seqlen, check_tensor
 
 
 @dataclass
@@ -56,9 +58,15 @@ def _lengths(cu: torch.Tensor) -> torch.Tensor:
 
 def pack_predictor_sequences(context: torch.Tensor, context_cu: torch.Tensor, targets: torch.Tensor,
                              target_cu: torch.Tensor, num_targets: int, *, shared_context: bool,
-                             extra: Optional[torch.Tensor] = None, extra_cu: Optional[torch.Tensor] = None
+                             extra: Optional[torch.Tensor] = None, extra_cu: Optional[torch.Tensor] = None,
+                             max_seqlen: Optional[int] = None, check_values: bool = True
                              ) -> PackedPredictorInput:
-    """Build the predictor's packed sequences (see the module docstring); differentiable in the tokens."""
+    """Build the predictor's packed sequences (see the module docstring); differentiable in the tokens.
+
+    max_seqlen: the longest packed sequence if the caller knows it (must be >= the longest; it sizes
+        the attention launches); None computes it (a host read).
+    check_values: read the offsets to validate them (a host read); False for offsets the caller
+        vouches for (a sampler's MaskBatch)."""
     check_tensor(context, "context", ndim=2)
     device, dim = context.device, context.shape[1]
     check_tensor(targets, "targets", ndim=2, device=device)
@@ -70,9 +78,14 @@ def pack_predictor_sequences(context: torch.Tensor, context_cu: torch.Tensor, ta
         raise ValueError(f"num_targets: expected an int >= 1, got {num_targets!r}")
     if isinstance(shared_context, torch.Tensor) or not isinstance(shared_context, bool):
         raise TypeError(f"shared_context: expected a bool, got {type(shared_context).__name__}")
-    check_cu_seqlens(context_cu, "context_cu", context.shape[0], device=device)
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
+    if max_seqlen is not None:
+        check_max_seqlen(max_seqlen, "max_seqlen")
+    check_cu_seqlens(context_cu, "context_cu", context.shape[0], device=device, check_values=check_values)
     B, M = context_cu.numel() - 1, num_targets
-    check_cu_seqlens(target_cu, "target_cu", targets.shape[0], num_seqs=B * M, device=device)
+    check_cu_seqlens(target_cu, "target_cu", targets.shape[0], num_seqs=B * M, device=device,
+                     check_values=check_values)
     if (extra is None) != (extra_cu is None):
         raise ValueError(f"{'extra_cu' if extra_cu is None else 'extra'}: pass extra and extra_cu together")
     Tc, Tt = context.shape[0], targets.shape[0]
@@ -84,7 +97,8 @@ def pack_predictor_sequences(context: torch.Tensor, context_cu: torch.Tensor, ta
             raise ValueError(f"extra: width {extra.shape[1]} differs from context's {dim}")
         if extra.dtype != context.dtype:
             raise TypeError(f"extra: dtype {extra.dtype} differs from context's {context.dtype}")
-        check_cu_seqlens(extra_cu, "extra_cu", extra.shape[0], num_seqs=B, device=device)
+        check_cu_seqlens(extra_cu, "extra_cu", extra.shape[0], num_seqs=B, device=device,
+                         check_values=check_values)
         Te = extra.shape[0]
         ex_len, ex_start = _lengths(extra_cu), extra_cu.long()[:-1] + Tc
         src = torch.cat([context, extra, targets])
@@ -114,7 +128,8 @@ def pack_predictor_sequences(context: torch.Tensor, context_cu: torch.Tensor, ta
     seq_len = piece_len.sum(1)
     cu_seqlens = torch.zeros(S + 1, dtype=torch.int32, device=device)
     cu_seqlens[1:] = torch.cumsum(seq_len, 0)
-    max_seqlen = int(seq_len.max()) if S else 0
+    if max_seqlen is None:
+        max_seqlen = int(seq_len.max()) if S else 0
 
     # Where each target block starts in x, then each target token's row.
     if shared_context:

@@ -25,7 +25,10 @@ The semantics are `reference.py`'s per-transform chain (torchvision's formulas).
      instead, then a horizontal and a vertical blur pass run, the vertical one finishing with solarise
      and normalisation (solarise comes after blur in the chain, so it cannot be applied earlier).
 The blur plan (which pairs blur, their taps) is made on the host from a CPU copy of the parameters: pass
-CPU parameter tables (they are copied to the device) to avoid a device-to-host read.
+CPU parameter tables (they are copied to the device) to avoid a device-to-host read, or a plan made
+beforehand from Python/NumPy sigmas (`blur_plan_from_sigmas`, e.g. where the parameters are drawn), which
+reads no tensor at all. With that plan and `check_values=False` (parameters validated where they were
+made) a call reads nothing back on the native and Triton backends.
 There is no backward: augmentation is applied to data.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .._backend import resolve_backend
@@ -63,7 +67,7 @@ PARAM_COLUMNS = (
 __all__ = ["photometric", "photometric_two_view", "pack_params", "NUM_PARAMS", "IDENTITY_PARAMS",
            "PARAM_BRIGHTNESS", "PARAM_CONTRAST", "PARAM_SATURATION", "PARAM_HUE", "PARAM_GRAYSCALE",
            "PARAM_BLUR_SIGMA", "PARAM_SOLARIZE", "PARAM_SOLARIZE_THRESHOLD", "IMAGENET_MEAN", "IMAGENET_STD",
-           "run_backend", "BlurPlan", "blur_plan"]
+           "run_backend", "BlurPlan", "blur_plan", "blur_plan_from_sigmas"]
 
 
 @dataclass(frozen=True)
@@ -95,20 +99,51 @@ def blur_plan(params: torch.Tensor) -> BlurPlan:
     return BlurPlan(slot_of, slot_row, reference.gaussian_taps(s, radius))
 
 
+def blur_plan_from_sigmas(sigmas) -> BlurPlan:
+    """The plan from [V, B] blur sigmas given as NumPy / Python numbers (0 = no blur), made without
+    reading any tensor: where the parameters are drawn on the CPU, so the step itself reads nothing."""
+    sigma = np.asarray(sigmas, dtype=np.float32).reshape(-1)
+    if not np.all(np.isfinite(sigma)) or sigma.min(initial=0.0) < 0 or sigma.max(initial=0.0) > MAX_BLUR_SIGMA:
+        raise ValueError(f"sigmas: blur sigmas must be finite and within [0, {MAX_BLUR_SIGMA}]")
+    slot_row = np.flatnonzero(sigma > 0).astype(np.int32)
+    slot_of = np.full(sigma.size, -1, dtype=np.int32)
+    slot_of[slot_row] = np.arange(slot_row.size, dtype=np.int32)
+    s = sigma[slot_row]
+    radius = reference.blur_radius(float(s.max())) if s.size else 0
+    return BlurPlan(torch.from_numpy(slot_of), torch.from_numpy(slot_row),
+                    reference.gaussian_taps(torch.from_numpy(s), radius))
+
+
+def _check_plan(plan: object, views: int, batch: int) -> BlurPlan:
+    """Shape-only (a plan is vouched for: `blur_plan_from_sigmas` or `blur_plan` made it)."""
+    if not isinstance(plan, BlurPlan):
+        raise TypeError(f"plan: expected a BlurPlan (blur_plan_from_sigmas), got {type(plan).__name__}")
+    if plan.slot_of.dtype != torch.int32 or tuple(plan.slot_of.shape) != (views * batch,):
+        raise ValueError(f"plan: slot_of must be int32 [{views * batch}] (one entry per view and image), "
+                         f"got {plan.slot_of.dtype} {tuple(plan.slot_of.shape)}")
+    if plan.slot_of.device.type != "cpu" or plan.taps.device.type != "cpu":
+        raise ValueError("plan: must be on the CPU (it is a host-side plan)")
+    if plan.taps.dim() != 2 or plan.taps.shape[0] != plan.slot_row.numel() or plan.taps.shape[1] % 2 != 1 \
+            or plan.taps.dtype != torch.float32:
+        raise ValueError(f"plan: taps must be float32 [slots, 2R + 1], got {plan.taps.dtype} {tuple(plan.taps.shape)}")
+    return plan
+
+
 def run_backend(backend: str, images: torch.Tensor, params: torch.Tensor, mean: Sequence[float],
-                std: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
-    """Validated images [B, 3, H, W], params [V, B, NUM_PARAMS] -> [V, B, 3, H, W] (benchmarks call this)."""
+                std: Sequence[float], out_dtype: torch.dtype, plan: Optional[BlurPlan] = None) -> torch.Tensor:
+    """Validated images [B, 3, H, W], params [V, B, NUM_PARAMS] -> [V, B, 3, H, W] (benchmarks call this).
+    plan: the blur plan when made beforehand (None: from the parameters, a host read of their sigmas)."""
     if backend == "reference":
         return reference.photometric_views(images, params.to(images.device), mean, std, out_dtype)
     if backend == "triton":
         from . import triton_kernels
 
-        plan = blur_plan(params)
+        plan = blur_plan(params) if plan is None else plan
         return triton_kernels.photometric_views(images, params.to(images.device), plan, mean, std, out_dtype)
     if backend == "native":
         from . import native
 
-        plan = blur_plan(params)
+        plan = blur_plan(params) if plan is None else plan
         return native.photometric_views(images, params, plan, mean, std, out_dtype)
     raise ValueError(f"backend: unknown backend {backend!r}")
 
@@ -130,11 +165,16 @@ def _resolve(backend: Optional[str], device: torch.device) -> str:
     return resolve_backend(backend, device, "photometric", native_devices=("cpu",))  # no native CUDA kernel
 
 
-def _views(images, tables, names, mean, std, out_dtype, backend) -> torch.Tensor:
+def _views(images, tables, names, mean, std, out_dtype, backend, plan=None, check_values=True) -> torch.Tensor:
     check_image_batch(images, "images")
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
     batch = images.shape[0]
     for t, name in zip(tables, names):
-        check_param_table(t, name, rows=batch, columns=PARAM_COLUMNS, device=images.device)
+        check_param_table(t, name, rows=batch, columns=PARAM_COLUMNS, device=images.device,
+                          check_values=check_values)
+    if plan is not None:
+        _check_plan(plan, len(tables), batch)
     for t, name in zip(tables[1:], names[1:]):
         check_same_device(name, t, names[0], tables[0])
     mean = check_channel_values(mean, "mean")
@@ -146,12 +186,13 @@ def _views(images, tables, names, mean, std, out_dtype, backend) -> torch.Tensor
         return _photometric_op(images, params, mean, std, out_dtype, chosen)
     # Eager: skip the custom-op wrapper (no tracing to serve).
     with torch.no_grad():
-        return run_backend(chosen, images, params, mean, std, out_dtype)
+        return run_backend(chosen, images, params, mean, std, out_dtype, plan)
 
 
 def photometric(images: torch.Tensor, params: torch.Tensor, *, mean: Sequence[float] = IMAGENET_MEAN,
                 std: Sequence[float] = IMAGENET_STD, out_dtype: torch.dtype = torch.float32,
-                backend: Optional[str] = None) -> torch.Tensor:
+                backend: Optional[str] = None, plan: Optional[BlurPlan] = None,
+                check_values: bool = True) -> torch.Tensor:
     """One augmented, normalised view of each image.
 
     images: contiguous [B, 3, H, W], uint8 (0..255) or float32/bf16/fp16 in [0, 1].
@@ -161,18 +202,25 @@ def photometric(images: torch.Tensor, params: torch.Tensor, *, mean: Sequence[fl
     mean, std: per-channel normalisation; the output is (x - mean) / std.
     out_dtype: float32, bfloat16 or float16 (arithmetic is fp32, rounded once).
     backend: "reference" | "triton" | "native"; default from IWM_KERNELS_BACKEND, else automatic.
+    plan: the blur plan made beforehand (`blur_plan_from_sigmas` of this table's sigma column, shape
+        [1, B]); None makes it from the table (a host read of the sigmas, a device sync for a GPU table).
+        The plan decides which images blur and how; it must match the table.
+    check_values: False skips the CPU table's range checks for parameters validated where they were
+        made (e.g. iwm.augment.sample_view_params); shapes and dtypes are still checked.
     """
-    return _views(images, (params,), ("params",), mean, std, out_dtype, backend)[0]
+    return _views(images, (params,), ("params",), mean, std, out_dtype, backend, plan, check_values)[0]
 
 
 def photometric_two_view(images: torch.Tensor, source_params: torch.Tensor, target_params: torch.Tensor, *,
                          mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                         out_dtype: torch.dtype = torch.float32, backend: Optional[str] = None
+                         out_dtype: torch.dtype = torch.float32, backend: Optional[str] = None,
+                         plan: Optional[BlurPlan] = None, check_values: bool = True
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two views of each image from one read of the images: (source, target), each [B, 3, H, W].
 
     Same arguments as `photometric`, with one parameter table per view. Any column may be set in either
-    table (IWM's target view only uses the jitter columns)."""
+    table (IWM's target view only uses the jitter columns). plan: from [2, B] sigmas (source row, then
+    target row)."""
     out = _views(images, (source_params, target_params), ("source_params", "target_params"), mean, std,
-                 out_dtype, backend)
+                 out_dtype, backend, plan, check_values)
     return out[0], out[1]
