@@ -36,8 +36,10 @@ class Row:
     config: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # per-suite figures (img/s, peak memory, ...)
     headline: bool = False        # this row's case is the suite's representative one (report headline)
-    same_work: bool = True        # computes what the baseline computes; False for a layout that does less
-                                  # work by design (shared-context attention): never the headline's "ours"
+    same_work: bool = True        # computes what the baseline computes; False for a row that changes the
+                                  # work (shared-context attention, ragged masks): never the headline's "ours"
+    differs: str = ""             # with same_work=False: what the row changes against the baseline
+    held_equal: str = ""          # what this row holds equal to its baseline (shown in the headline)
 
     @property
     def gbps(self) -> Optional[float]:

@@ -14,6 +14,13 @@ Two predictor layouts (see `iwm_kernels.pack_predictor_sequences`):
             (sees the context and itself), so pairs = Lc^2 + sum_j Lt_j * (Lc + Lt_j);
 - repeated: I-JEPA's, one sequence per (sample, target block): the context repeated, full attention
             over Lc + Lt_j tokens, pairs = sum_j (Lc + Lt_j)^2.
+
+Feature conditioning: our predictor splits the action MLP's first layer into a per-grid-position part
+(once per position) and a per-sample part; the faithful I-JEPA-style baseline
+(`benchmarks.ijepa_baseline`) runs it unsplit on every target row (`split_conditioning=False`).
+Checked against torch.utils.flop_counter.FlopCounterMode in tests/test_flops.py, exactly, on both
+layouts and on the dense baseline (for the shared layout the counter sees the reference kernel's
+masked full-square attention; the difference is exactly the masked pairs).
 """
 from __future__ import annotations
 
@@ -73,17 +80,20 @@ def predictor_pairs(context_lengths: Sequence[int], target_lengths: Sequence[Seq
 
 def predictor_flops(pred: ViTDims, embed_dim: int, context_lengths: Sequence[int],
                     target_lengths: Sequence[Sequence[int]], *, shared: bool, conditioning: str = "feature",
-                    patches: int = 0) -> float:
+                    patches: int = 0, split_conditioning: bool = True) -> float:
     """Forward FLOPs of the predictor: the context embedding (each context token once), the conditioned
-    mask tokens, the blocks over the packed sequences, and the projection of the target tokens."""
+    mask tokens, the blocks over the packed sequences, and the projection of the target tokens.
+    split_conditioning=False: the action MLP's first layer runs on concat(token, action) per target row."""
     ctx = float(sum(context_lengths))
     tgt = float(sum(sum(b) for b in target_lengths))
     extra = ACTION_DIM if conditioning == "sequence" else 0
     tokens, pairs = predictor_pairs(context_lengths, target_lengths, shared, extra)
     flops = linear_flops(ctx, embed_dim, pred.dim)
-    if conditioning == "feature":  # fc1 split into a per-position and a per-sample part, then fc2, fc3
+    if conditioning == "feature" and split_conditioning:  # fc1 per position + per sample, then fc2, fc3
         flops += linear_flops(patches, pred.dim, pred.dim) + linear_flops(len(context_lengths), ACTION_DIM, pred.dim)
         flops += 2 * linear_flops(tgt, pred.dim, pred.dim)
+    elif conditioning == "feature":  # fc1 on every target row's concat(token, action), then fc2, fc3
+        flops += linear_flops(tgt, pred.dim + ACTION_DIM, pred.dim) + 2 * linear_flops(tgt, pred.dim, pred.dim)
     flops += pred.depth * block_flops(tokens, pairs, pred.dim, pred.mlp_hidden)
     return flops + linear_flops(tgt, pred.dim, embed_dim)
 
@@ -118,16 +128,18 @@ def model_dims(model) -> tuple[ViTDims, ViTDims, int, int]:
 
 
 def step_flops(model, context_lengths: Sequence[int], target_lengths: Sequence[Sequence[int]], *,
-               shared: bool) -> StepFlops:
+               shared: bool, split_conditioning: bool = True) -> StepFlops:
     """FLOPs of one step of `model` (an `iwm.models.IWM`) on one batch of masks given as lengths:
-    context_lengths[b] context tokens and target_lengths[b] = the M target block lengths of sample b."""
+    context_lengths[b] context tokens and target_lengths[b] = the M target block lengths of sample b.
+    split_conditioning=False counts the dense I-JEPA-style baseline's unsplit action MLP."""
     enc, pred, patches, patch_in = model_dims(model)
     batch = len(context_lengths)
     return StepFlops(
         encoder=encoder_flops(enc, context_lengths, batch, patches, patch_in),
         target_encoder=encoder_flops(enc, [patches] * batch, batch, patches, patch_in),
         predictor=predictor_flops(pred, enc.dim, context_lengths, target_lengths, shared=shared,
-                                  conditioning=model.predictor.conditioning, patches=patches))
+                                  conditioning=model.predictor.conditioning, patches=patches,
+                                  split_conditioning=split_conditioning))
 
 
 def mask_lengths(masks) -> tuple[list[int], list[list[int]]]:

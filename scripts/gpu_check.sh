@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (DESIGN.md §5): on a CUDA machine with torch, triton and nvcc but no network,
+# The prepared GPU check (docs/design.md, Testing): on a CUDA machine with torch, triton and nvcc but no network,
 # build the native extension with CUDA, run the GPU tests and the quick benchmark report, write
 # everything into OUTDIR and print a short final table.
 #
@@ -38,6 +38,9 @@ fi
   python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
   python3 -c "import triton; print('triton', triton.__version__)" || echo "triton: not importable"
   python3 -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
+  python3 -c "import flash_attn; print('flash-attn', flash_attn.__version__)" 2>&1 | tail -1
+  # the attention suite's FlexAttention rows (forward and backward, compiled) need this import
+  python3 -c "from torch.nn.attention.flex_attention import flex_attention; print('flex_attention: importable')" 2>&1 | tail -1
   command -v nvcc >/dev/null && nvcc --version | tail -1 || echo "nvcc: not found"
 } 2>&1 | tee "$out/environment.txt"
 

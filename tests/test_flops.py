@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import flops
-from benchmarks.suites.step import IJEPAStyleForward
+from benchmarks.ijepa_baseline import IJEPAForward
 from iwm.masks import MultiBlockMaskSampler
 from iwm.models import IWM
 from iwm_kernels import pack_predictor_sequences
@@ -58,29 +58,52 @@ def _counted(fn) -> int:
     return counter.get_total_flops()
 
 
-def test_step_flops_match_torch_flop_counter(seed):
-    """The whole forward of IWM (repeated layout, so attention computes exactly the counted pairs)."""
-    model = IWM.from_preset("tiny", shared_context=False)
+def _masked_pairs(model, masks) -> float:
+    """(query, key) pairs the shared layout masks out, over its packed sequences: the reference kernel
+    runs SDPA over the full square with a segment mask, which the counter counts whole."""
+    ctx, tgt = flops.mask_lengths(masks)
+    extra = flops.ACTION_DIM if model.conditioning == "sequence" else 0
+    full = sum((c + extra + sum(t)) ** 2 for c, t in zip(ctx, tgt))
+    return full - flops.predictor_pairs(ctx, tgt, shared=True, extra_tokens=extra)[1]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["repeated", "shared"])
+@pytest.mark.parametrize("conditioning", ["feature", "none", "sequence"])
+def test_step_flops_match_torch_flop_counter(seed, shared, conditioning):
+    """The whole forward of IWM on both predictor layouts, exactly: every matmul and convolution, on
+    ragged masks. For the shared layout the counter sees the reference kernel's masked full squares;
+    the difference is exactly the masked pairs (the kernels that skip them do not compute them)."""
+    model = IWM.from_preset("tiny", shared_context=shared, conditioning=conditioning)
     model.check_inputs = False
     batch = 3
     masks = MultiBlockMaskSampler(8, min_keep=4, seed=seed).sample(batch, 0)
     x, y, a = torch.randn(batch, 3, 64, 64), torch.randn(batch, 3, 64, 64), torch.randn(batch, 7)
     counted = _counted(lambda: model(x, y, masks, a, backend="reference"))
     ctx, tgt = flops.mask_lengths(masks)
-    ours = flops.step_flops(model, ctx, tgt, shared=False)
-    # Exact: both count every matmul and convolution, and neither norms nor activations.
-    assert ours.forward == pytest.approx(counted, rel=1e-9)
+    ours = flops.step_flops(model, ctx, tgt, shared=shared)
+    masked = _masked_pairs(model, masks) if shared else 0
+    if shared:
+        assert masked > 0
+    assert ours.forward + len(model.predictor.predictor_blocks) * flops.attention_flops(masked, model.predictor.dim) \
+        == pytest.approx(counted, rel=1e-12)
     assert ours.step == 3 * (ours.encoder + ours.predictor) + ours.target_encoder
 
 
-def test_ijepa_style_flops_match_torch_flop_counter(seed):
-    """The I-JEPA-style baseline: truncated masks, dense sequences with the context repeated."""
-    model = IWM.from_preset("tiny")
+@pytest.mark.parametrize("conditioning", ["none", "feature", "sequence"])
+def test_faithful_baseline_flops_match_torch_flop_counter(seed, conditioning):
+    """The faithful I-JEPA baseline's dense path (truncated masks, the context repeated per block,
+    hand-written attention, the action MLP unsplit per target row), exactly."""
+    model = IWM.from_preset("tiny", conditioning=conditioning)
     batch = 3
     masks = MultiBlockMaskSampler(8, min_keep=4, seed=seed).sample(batch, 0)
     enc, pred = masks.to_ijepa()
     x, y, a = torch.randn(batch, 3, 64, 64), torch.randn(batch, 3, 64, 64), torch.randn(batch, 7)
-    counted = _counted(lambda: IJEPAStyleForward(model)(x, y, enc, pred, a))
+    counted = _counted(lambda: IJEPAForward(model)(x, y, enc, pred, a))
     kc, kt = enc[0].shape[1], pred[0].shape[1]
-    ours = flops.step_flops(model, [kc] * batch, [[kt] * len(pred)] * batch, shared=False)
-    assert ours.forward == pytest.approx(counted, rel=1e-2)  # the position MLP runs once per block there
+    ours = flops.step_flops(model, [kc] * batch, [[kt] * len(pred)] * batch, shared=False,
+                            split_conditioning=False)
+    assert ours.forward == pytest.approx(counted, rel=1e-12)
+    # the same tokens through our packed model: equal except the (split) action MLP
+    packed = flops.step_flops(model, *flops.mask_lengths(masks.truncated()), shared=False)
+    assert packed.encoder == ours.encoder and packed.target_encoder == ours.target_encoder
+    assert (packed.predictor == ours.predictor) == (conditioning != "feature")

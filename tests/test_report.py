@@ -122,6 +122,27 @@ def test_headline_never_picks_a_row_that_does_less_work():
                 same_work=False)]
     (entry,) = report.headline(rows, CEIL)
     assert entry["ours"] == "ours repeated (native)" and entry["speedup"] == pytest.approx(10 / 12)
-    assert entry["less_work"] == {"ours shared (native)": pytest.approx(2.0)}
+    assert entry["different_work"] == {"ours shared (native)": {"speedup": pytest.approx(2.0),
+                                                                 "differs": "less work by design"}}
     line = report.headline_markdown([entry])[-1]
-    assert "ours shared (native), less work by design: 2.00× the baseline" in line
+    assert "ours shared (native) (less work by design): 2.00× the baseline" in line
+
+
+def test_headline_names_what_it_holds_equal_and_the_best_equal_baseline():
+    held = "masks, tokens, layout"
+    rows = [Row("step", "c", "I-JEPA", 100.0, baseline="I-JEPA", headline=True),
+            Row("step", "c", "I-JEPA + compile", 60.0, baseline="I-JEPA", headline=True),
+            Row("step", "c", "other layout", 10.0, baseline="I-JEPA", headline=True, same_work=False),
+            Row("step", "c", "ours, equal work", 50.0, baseline="I-JEPA", headline=True, held_equal=held),
+            Row("step", "c", "ours, ragged masks", 40.0, baseline="I-JEPA", headline=True, same_work=False,
+                differs="ragged masks, more tokens")]
+    (entry,) = report.headline(rows, CEIL)
+    # a faster row doing other work is never "ours (best)", nor the best baseline
+    assert entry["ours"] == "ours, equal work" and entry["speedup"] == pytest.approx(2.0)
+    assert entry["best_baseline"] == "I-JEPA + compile" and entry["speedup_vs_best"] == pytest.approx(1.2)
+    assert entry["held_equal"] == held and "other layout" not in entry["others"]
+    line = report.headline_markdown([entry])[-1]
+    assert line.endswith(f"| {held} |") and "1.20× vs I-JEPA + compile" in line
+    assert "ours, ragged masks (ragged masks, more tokens): 2.50× the baseline" in line
+    md = report.markdown(rows, ENV, CEIL, 1.0, "cmd")
+    assert "| c | ours, ragged masks | 40 |" in md and "changes: ragged masks, more tokens" in md

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from benchmarks import common, report
+from benchmarks import common, ijepa_baseline, report
 from benchmarks.suites import step as suite
-from iwm.masks import MaskBatch
+from iwm.masks import MultiBlockMaskSampler
 from iwm.models import IWM
 
 CPU = torch.device("cpu")
@@ -45,29 +45,97 @@ def test_eager_variants_time_every_phase(bench, variant):
     assert row.extra["model GFLOP/step"] == pytest.approx(row.flops / 1e9)
 
 
-def test_variants_count_their_own_flops(bench):
+def test_variants_count_their_own_work(bench):
     steps = range(1, 3)
-    ijepa = bench.flops(suite.VARIANTS[0], steps)
-    ours = bench.flops(suite.VARIANTS[3], steps)
-    assert ijepa > 0 and ours > 0 and ijepa != ours  # truncated + repeated context vs ragged + shared
+    base, equal = bench.work(suite.variant(suite.BASELINE), steps), bench.work(suite.variant(suite.EQUAL_WORK), steps)
+    ragged = bench.work(suite.variant("ours, ragged masks"), steps)
+    shared = bench.work(suite.variant("ours, shared context"), steps)
+    # equal work: the same tokens; FLOPs differ only by the baseline's unsplit action MLP (tiny: feature)
+    assert (base.context_tokens, base.target_tokens, base.predictor_tokens) == \
+        (equal.context_tokens, equal.target_tokens, equal.predictor_tokens)
+    assert 0 < equal.flops < base.flops < 1.01 * equal.flops
+    assert ragged.context_tokens > equal.context_tokens and ragged.flops > equal.flops  # no truncation
+    assert shared.context_tokens == equal.context_tokens and shared.flops < equal.flops
+    assert shared.predictor_tokens < equal.predictor_tokens
 
 
-def test_ours_agrees_with_the_reference_kernels(bench):
+def test_rows_state_their_work_and_what_they_change(bench):
+    row = bench.run_variant(suite.variant("ours, ragged masks"), lambda msg: None)
+    assert not row.same_work and "ragged masks" in row.differs and row.held_equal == suite.HELD_EQUAL
+    assert row.extra["context tokens"] == row.config["context_tokens"] > 0
+    assert row.extra["target tokens"] > 0 and row.config["model_flops"] == row.flops
+    equal = bench.run_variant(suite.variant(suite.EQUAL_WORK), lambda msg: None)
+    assert equal.same_work and equal.differs == "" and equal.config["masks"] == "truncated"
+    assert equal.config["predictor_layout"] == "repeated"
+
+
+def test_checks_pass_ours_vs_reference_and_equal_work_vs_baseline(bench):
     assert bench.check() is None
+    losses = bench.losses_at_step0()
+    assert losses["equal work (fused)"] == pytest.approx(losses["baseline"], rel=1e-5)
+    assert losses["ragged (fused)"] != losses["baseline"]  # the ragged masks are other tokens
 
 
-def test_ijepa_style_loss_equals_the_model_on_ijepa_masks(seed):
-    """The baseline computes what our model computes on I-JEPA's (truncated) masks and layout."""
-    model = IWM.from_preset("tiny", shared_context=False)
+def test_check_reports_a_baseline_that_computes_something_else(bench, monkeypatch):
+    class Off(suite.IJEPAForward):
+        def forward(self, *args):
+            return super().forward(*args) * 1.01
+    monkeypatch.setattr(suite, "IJEPAForward", Off)
+    problem = bench.check()
+    assert problem is not None and problem.startswith("MISMATCH") and "(baseline)" in problem
+
+
+@pytest.mark.parametrize("conditioning", ["none", "feature", "sequence"])
+def test_faithful_baseline_equals_our_model_on_truncated_masks(seed, conditioning):
+    """Same weights, same (truncated) masks, repeated layout: I-JEPA's loss (smooth-L1) equals our
+    model's with loss=smooth_l1, and differs from the L2 one (so it is the smooth-L1)."""
+    model = IWM.from_preset("tiny", shared_context=False, conditioning=conditioning, loss="smooth_l1")
     model.check_inputs = False
-    sampler = suite.MultiBlockMaskSampler(8, min_keep=4, seed=seed)
-    enc, pred = sampler.sample(3, 0).to_ijepa()
-    masks = MaskBatch.from_ijepa(enc, pred, grid=8)
+    masks = MultiBlockMaskSampler(8, min_keep=4, seed=seed).sample(3, 0)
+    enc, pred = masks.to_ijepa()
     x, y, a = torch.randn(3, 3, 64, 64), torch.randn(3, 3, 64, 64), torch.randn(3, 7)
     with torch.no_grad():
-        want, _ = model(x, y, masks, a, backend="reference")
-        got = suite.IJEPAStyleForward(model)(x, y, enc, pred, a)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        want, _ = model(x, y, masks.truncated(), a, backend="reference")
+        got = ijepa_baseline.IJEPAForward(model)(x, y, enc, pred, a)
+        model.loss_name = "l2"
+        l2, _ = model(x, y, masks.truncated(), a, backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(got, l2)
+
+
+def test_faithful_baseline_writes_its_attention_by_hand(monkeypatch, seed):
+    """No SDPA anywhere in the baseline's forward (I-JEPA's q @ k^T, softmax, @ v)."""
+    model = IWM.from_preset("tiny", conditioning="none")
+    enc, pred = MultiBlockMaskSampler(8, min_keep=4, seed=seed).sample(2, 0).to_ijepa()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("SDPA called")
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", refuse)
+    loss = ijepa_baseline.IJEPAForward(model)(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64), enc, pred)
+    assert torch.isfinite(loss)
+
+
+def test_apply_masks_and_repeat_interleave_batch_by_hand(seed):
+    x = torch.randn(2, 5, 3)
+    m0, m1 = torch.tensor([[0, 2], [1, 4]]), torch.tensor([[3, 3], [0, 1]])
+    out = ijepa_baseline.apply_masks(x, [m0, m1])
+    assert out.shape == (4, 2, 3)
+    torch.testing.assert_close(out[1], x[1, [1, 4]])  # mask-major: row j*B + b
+    torch.testing.assert_close(out[2], x[0, [3, 3]])
+    rows = torch.arange(4.0)[:, None]                  # two groups of B=2
+    got = ijepa_baseline.repeat_interleave_batch(rows, 2, repeat=3)
+    assert got.flatten().tolist() == [0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3]
+
+
+def test_ijepa_param_groups_and_default_adamw():
+    model = IWM.from_preset("tiny")
+    groups = ijepa_baseline.param_groups(model)
+    assert len(groups) == 4 and [g.get("weight_decay") for g in groups] == [None, None, 0, 0]
+    ours = suite.param_groups(model)
+    assert {id(p) for g in groups[:2] for p in g["params"]} == {id(p) for p in ours[0]["params"]}
+    assert {id(p) for g in groups[2:] for p in g["params"]} == {id(p) for p in ours[1]["params"]}
+    opt = ijepa_baseline.build_optimizer(model, 1e-4, 0.04)
+    assert not opt.defaults.get("fused") and opt.defaults.get("foreach") is None
 
 
 def test_ijepa_ema_matches_ours(seed):
@@ -77,9 +145,39 @@ def test_ijepa_ema_matches_ours(seed):
     want = [p.clone() for p in model.target_encoder.parameters()]
     for w, o in zip(want, model.encoder.parameters()):
         w.mul_(0.9).add_(0.1 * o)
-    suite.ijepa_ema_(model.target_encoder, model.encoder, 0.9)
+    ijepa_baseline.ema_(model.target_encoder, model.encoder, 0.9)
     for w, p in zip(want, model.target_encoder.parameters()):
         torch.testing.assert_close(p, w)
+
+
+def test_ijepa_vitt16_case_is_ijepas_configuration():
+    """I-JEPA's own configuration: ViT-Ti/16 at 224 px, a 6x96 predictor, no conditioning, block masks
+    (min_keep 4), fp32, batch 32; one baseline and one equal-work step at batch 2 agree on the work."""
+    cases = {c.preset: c for c in suite.configs(CPU, quick=False)}
+    assert cases["ijepa_vitt16"].batch == 32 and not cases["ijepa_vitt16"].bf16
+    quick = {c.preset: c for c in suite.configs(CPU, quick=True)}["ijepa_vitt16"]
+    assert set(quick.only) == {suite.BASELINE, suite.EQUAL_WORK}
+    bench = suite.StepBench(suite.StepCase("ijepa_vitt16", 2, False, warmup=0, iters=1, compile_limit_s=0,
+                                           only=quick.only), CPU)
+    enc, pred = bench.model.encoder, bench.model.predictor
+    assert (enc.img_size, enc.patch_size, enc.embed_dim, len(enc.blocks)) == (224, 16, 192, 12)
+    assert (pred.dim, len(pred.predictor_blocks), pred.conditioning) == (96, 6, "none")
+    assert bench.sampler.context_mode == "block" and bench.sampler.min_keep == 4
+    assert bench.sampler.num_targets == 4 and bench.sampler.target_scale == (0.15, 0.2)
+    assert bench.sampler.context_scale == (0.85, 1.0)
+    assert bench.check() is None
+    base = bench.run_variant(suite.variant(suite.BASELINE), lambda msg: None)
+    ours = bench.run_variant(suite.variant(suite.EQUAL_WORK), lambda msg: None)
+    assert base.ms and ours.ms, (base.note, ours.note)
+    assert base.flops == ours.flops  # no conditioning: exactly the same FLOPs
+    assert base.extra["context tokens"] == ours.extra["context tokens"]
+    skipped = bench.run_variant(suite.variant("ours, ragged masks"), lambda msg: None)
+    assert skipped.ms is None and "--quick" in skipped.note
+
+
+def test_shared_layout_is_restored_after_its_row(bench):
+    bench.run_variant(suite.variant("ours, shared context"), lambda msg: None)
+    assert bench.model.predictor.shared_context is False
 
 
 def test_compiled_variant_is_skipped_when_the_budget_is_short(bench):
@@ -92,8 +190,8 @@ def test_compiled_variant_is_skipped_when_the_budget_is_short(bench):
     assert row.ms is None and "time budget" in row.note
     common.set_deadline(-1.0)  # spent: the optional variants are skipped, the baseline and ours still run
     try:
-        skipped = bench.run_variant(suite.VARIANTS[2], lambda msg: None)
-        ours = bench.run_variant(suite.VARIANTS[3], lambda msg: None)
+        skipped = bench.run_variant(suite.variant("eager reference kernels (equal work)"), lambda msg: None)
+        ours = bench.run_variant(suite.variant(suite.EQUAL_WORK), lambda msg: None)
     finally:
         common.set_deadline(None)
     assert skipped.ms is None and "time budget" in skipped.note
@@ -109,6 +207,8 @@ def test_quick_cpu_skips_compile():
 def test_presets_from_the_environment(monkeypatch):
     monkeypatch.setenv("IWM_BENCH_STEP_PRESETS", "tiny")
     assert [c.preset for c in suite.configs(CPU, quick=False)] == ["tiny"]
+    monkeypatch.setenv("IWM_BENCH_STEP_PRESETS", "ijepa_vitt16")
+    assert [c.preset for c in suite.configs(CPU, quick=False)] == ["ijepa_vitt16"]
     monkeypatch.setenv("IWM_BENCH_STEP_PRESETS", "vit_nope")
     with pytest.raises(ValueError, match="IWM_BENCH_STEP_PRESETS"):
         suite.configs(CPU, quick=True)
@@ -128,18 +228,22 @@ def test_time_limit_interrupts():
 def test_report_runs_the_step_suite(tmp_path, monkeypatch, capsys):
     """`python -m benchmarks.report --suites step` end to end: report.md, report.json, the breakdown plot."""
     monkeypatch.setattr(suite, "configs", lambda device, quick: [suite.replace(TINY, compile_limit_s=0)])
-    monkeypatch.setattr(suite, "VARIANTS", (suite.VARIANTS[0], suite.VARIANTS[1], suite.VARIANTS[3]))
+    monkeypatch.setattr(suite, "VARIANTS", tuple(suite.variant(n) for n in (
+        suite.BASELINE, "I-JEPA (faithful) + torch.compile", suite.EQUAL_WORK, "ours, shared context")))
     monkeypatch.setattr(common, "measure_ceilings", lambda device, quick: common.Ceilings(10.0, 0.1, "float32"))
     monkeypatch.setattr(report, "measure_ceilings", lambda device, quick: common.Ceilings(10.0, 0.1, "float32"))
     assert report.main(["--device", "cpu", "--quick", "--suites", "step", "--out", str(tmp_path),
                         "--time-budget", "300"]) == 0
     md = (tmp_path / "report.md").read_text()
-    assert "## Headline" in md and "| step | tiny b4 fp32 | ours (fused) |" in md
+    assert "## Headline" in md and "| step | tiny b4 fp32 | ours, equal work |" in md
+    line = next(x for x in md.splitlines() if x.startswith("| step | tiny b4 fp32 | ours, equal work |"))
+    assert suite.HELD_EQUAL in line and "I-JEPA (faithful, eager)" in line
+    assert "ours, shared context (shared-context predictor" in line  # a model option, with what it changes
     assert "### step breakdown — tiny b4 fp32" in md
     assert "skipped in --quick on the CPU" in md  # the compiled variant, listed with its reason
     assert (tmp_path / "step-breakdown.png").stat().st_size > 0
     out = capsys.readouterr().out
-    assert "| step | tiny b4 fp32 | ours (fused) |" in out
+    assert "| step | tiny b4 fp32 | ours, equal work |" in out
 
 
 @pytest.mark.gpu
@@ -150,7 +254,7 @@ def test_step_on_cuda():
     case = suite.StepCase("tiny", 16, True, warmup=1, iters=2, compile_limit_s=0)
     bench = suite.StepBench(case, cuda)
     assert bench.check() is None
-    for variant in (suite.VARIANTS[0], suite.VARIANTS[3]):
+    for variant in (suite.variant(suite.BASELINE), suite.variant(suite.EQUAL_WORK)):
         row = bench.run_variant(variant, lambda msg: None)
         assert row.ms is not None and row.ms > 0, row.note
         assert row.extra["peak MB (allocated)"] > 0
@@ -168,7 +272,7 @@ def test_every_variant_starts_from_the_same_weights(bench):
 
     bench.optimizer_for = spy
     try:
-        for variant in (suite.VARIANTS[0], suite.VARIANTS[3]):
+        for variant in (suite.variant(suite.BASELINE), suite.variant(suite.EQUAL_WORK)):
             bench.run_variant(variant, lambda msg: None)
     finally:
         del bench.optimizer_for

@@ -9,7 +9,18 @@ sample), context = the complement of their union (IWM), so contexts are ragged. 
                             longest sequence, with a key-padding mask; "default" is PyTorch's own
                             dispatch, then each backend forced (a backend that refuses the mask says why).
                             Padding is done once outside the timing (favours the baseline).
-  xformers BlockDiagonalMask / flash-attn varlen   the packed repeated-context work, where importable.
+  xformers BlockDiagonalMask / flash-attn varlen   the packed repeated-context work, where importable
+                            (flash_attn_varlen_func: CUDA, fp16/bf16). SDPA's cuDNN backend is one of the
+                            forced SDPA backends on a GPU.
+  FlexAttention repeated / shared   torch.nn.attention.flex_attention, compiled (torch.compile, its fused
+                            kernel), on the packed tokens as one [1, H, T, Dh] batch with a BlockMask:
+                            repeated layout, the same-sequence rule (a query sees the keys of its own
+                            packed sequence, seq[q] == seq[k]); shared layout, the same sequence and the
+                            segment rule (a key in segment 0, or in the query's own segment). The block
+                            mask is built once per batch and reused, as users do; its build time is a
+                            figure of its own ("block mask build ms"). On the CPU, forward only:
+                            FlexAttention has no CPU backward (the reason is read from torch itself and
+                            reported under what did not run).
   ours repeated / shared    varlen_attention (Triton on CUDA, native on CPU) on the packed repeated
                             layout, and on the shared-context layout (one sequence per sample).
 
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional
 
 import torch
@@ -31,12 +43,13 @@ from iwm_kernels import pack_predictor_sequences
 from iwm_kernels._backend import runs_on
 from iwm_kernels.attention import prepare, run_backend
 
-from ..common import Row, time_fn
+from ..common import Row, quiet_compile, time_fn, time_left
 
 SUITE = "attention"
 GRID = 14           # ViT-B/16 at 224 px
 NUM_TARGETS = 4
 BASELINE = "SDPA padded (default)"
+HELD_EQUAL = "tokens, sequences and attention semantics (repeated layout: full attention per sequence)"
 
 
 @dataclass(frozen=True)
@@ -151,6 +164,69 @@ def _flash_attn() -> tuple[Optional[Callable], str]:
         return None, f"flash-attn not importable ({exc.__class__.__name__}: {str(exc)[:80]})"
 
 
+def _flex() -> tuple[Optional[tuple[Callable, Callable]], str]:
+    """(flex_attention, create_block_mask), or None with the reason (torch < 2.5, or a broken install)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        return (flex_attention, create_block_mask), ""
+    except Exception as exc:
+        return None, f"FlexAttention not importable ({exc.__class__.__name__}: {str(exc)[:80]})"
+
+
+FLEX_COMPILE = True   # the fused kernel; tests set False for the (slow, unfused) eager form
+_compiled_flex: dict = {}
+
+
+def flex_function(flex_attention: Callable) -> Callable:
+    """torch.compile(flex_attention), once per process (eager flex materialises every score)."""
+    if not FLEX_COMPILE:
+        return flex_attention
+    if "fn" not in _compiled_flex:
+        _compiled_flex["fn"] = torch.compile(flex_attention)
+    return _compiled_flex["fn"]
+
+
+def flex_mask_mod(seq_of_token: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> Callable:
+    """FlexAttention's mask_mod for a packed layout. Repeated layout: the same-sequence rule over the
+    packed tokens. Shared layout: the same sequence, then the segment rule of
+    iwm_kernels.attention.reference.segment_mask (a key in segment 0, or in the query's segment)."""
+    if segment_ids is None:
+        def same_sequence(b, h, q, kv):
+            return seq_of_token[q] == seq_of_token[kv]
+        return same_sequence
+
+    def same_sequence_and_segment(b, h, q, kv):
+        seg_q, seg_k = segment_ids[q], segment_ids[kv]
+        return (seq_of_token[q] == seq_of_token[kv]) & ((seg_k == 0) | (seg_k == seg_q))
+    return same_sequence_and_segment
+
+
+def flex_backward_problem(device: torch.device) -> str:
+    """'' when FlexAttention's backward runs on `device`; else torch's own reason (CPU: unsupported)."""
+    found, why = _flex()
+    if found is None:
+        return why
+    flex_attention, create_block_mask = found
+    try:
+        q = torch.randn(1, 1, 16, 16, device=device, requires_grad=True)
+        mask = create_block_mask(lambda b, h, i, j: i >= 0, None, None, 16, 16, device=device)
+        with quiet_compile():
+            flex_attention(q, q, q, block_mask=mask).sum().backward()
+        return ""
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0].split(". ")[0][:160] if str(exc).strip() else ""
+        return f"FlexAttention backward on {device.type}: {exc.__class__.__name__}: {msg} (torch {torch.__version__})"
+
+
+def flex_block_mask(layout, segment_ids: Optional[torch.Tensor], device: torch.device):
+    """The BlockMask of a packed layout (seq_index of every token, segment ids for the shared one)."""
+    _, create_block_mask = _flex()[0]
+    total = layout.seq_index.numel()
+    mod = flex_mask_mod(layout.seq_index.long(), None if segment_ids is None else segment_ids.long())
+    return create_block_mask(mod, None, None, total, total, device=device)
+
+
 def implementations(case: Case, device: torch.device) -> dict[str, tuple[Optional[Callable], str, dict]]:
     """name -> (make() returning (forward thunk, inputs needing grads), why-not, info). make() allocates."""
     impls: dict[str, tuple[Optional[Callable], str, dict]] = {}
@@ -199,6 +275,24 @@ def implementations(case: Case, device: torch.device) -> dict[str, tuple[Optiona
     else:
         impls["flash-attn varlen"] = (None, why or "flash-attn needs CUDA fp16/bf16", {})
 
+    found, why = _flex()
+    for mode, pk, layout in (("repeated", rep, rep_layout), ("shared", sh, sh_layout)):
+        name = f"FlexAttention {mode}"
+        if found is None:
+            impls[name] = (None, why, {})
+            continue
+
+        def make_flex(pk=pk, layout=layout, grad=True):
+            fn = flex_function(found[0])
+            mask = flex_block_mask(layout, pk.segment_ids, device)   # once per batch, reused every call
+            q, k, v = (x.detach().transpose(0, 1)[None].contiguous().requires_grad_(grad)
+                       for x in _qkv(pk.num_tokens, shape, dtype, device, 0))
+
+            def fwd():
+                return fn(q, k, v, block_mask=mask, scale=scale)[0].transpose(0, 1)  # packed [T, H, Dh]
+            return fwd, (q, k, v)
+        impls[name] = (make_flex, "", {"layout": layout, "segment_ids": pk.segment_ids, "flex": True})
+
     ours = "triton" if device.type == "cuda" else "native"
     status = runs_on(ours, device)
     for mode, pk, layout in (("repeated", rep, rep_layout), ("shared", sh, sh_layout)):
@@ -230,12 +324,46 @@ def _pairs_rep(layout) -> int:
     return int((layout.lengths ** 2).sum())
 
 
+def check_outputs(case: Case, outputs: dict, rep_layout, sh_layout, device: torch.device) -> list[Row]:
+    """Correctness on the real shape: every forward output (packed [T, H, Dh]) of the repeated layout
+    against PyTorch's SDPA on the padded batch, and of the shared layout against the reference kernel
+    (per-sequence SDPA with the segment mask) on the same inputs. A MISMATCH row for each that differs."""
+    shape, dtype = case.shape, case.dtype
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    want = {}
+    if BASELINE in outputs:
+        padded = outputs[BASELINE].transpose(1, 2).reshape(-1, shape.heads, shape.head_dim)
+        want["repeated"] = padded[rep_layout.seq_index * rep_layout.longest + rep_layout.positions]
+    if any("shared" in name for name in outputs):
+        sh = case.shared
+        with torch.no_grad():
+            q, k, v = _qkv(sh.num_tokens, shape, dtype, device, 0)
+            want["shared"] = run_backend("reference", q, k, v, sh_layout, sh.max_seqlen, shape.head_dim ** -0.5)
+    rows = []
+    for name, out in outputs.items():
+        mode = "shared" if "shared" in name else "repeated"
+        if name == BASELINE or mode not in want or name.startswith("SDPA padded"):
+            continue
+        bad = float((out.float() - want[mode].float()).abs().max())
+        if not bad <= tol:
+            against = "SDPA" if mode == "repeated" else "the reference kernel"
+            rows.append(Row(SUITE, case.label, name, None, note=f"MISMATCH vs {against}: {bad:.3g}"))
+    return rows
+
+
 def run(device: torch.device, quick: bool, progress: Callable[[str], None] = print) -> list[Row]:
+    with quiet_compile():  # FlexAttention compiles (and warns when it does not)
+        return _run(device, quick, progress)
+
+
+def _run(device: torch.device, quick: bool, progress: Callable[[str], None]) -> list[Row]:
     rows: list[Row] = []
+    flex_bwd_why: dict[str, str] = {}
     budget = 0.3 if quick else 1.0
     cases = configs(device, quick)
     # Headline: forward+backward at the ViT-B predictor shape, the largest batch timed.
-    headline_case = ("pred384", max(b for s, b, _ in cases if s.name == "pred384"))
+    main = [(s.name, b) for s, b, _ in cases if s.name == "pred384"] or [(cases[0][0].name, cases[0][1])]
+    headline_case = max(main, key=lambda c: c[1])
     for shape, batch, dtype in cases:
         case = make_case(shape, batch, dtype, device)
         impls = implementations(case, device)
@@ -256,12 +384,30 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
             "padding overhead (padded/useful pairs)": padded_pairs / pairs["repeated"]},
             note="shared-context mode's saving (target: >= 2x on both)"))
         check = {}
+        flex_build_ms = {}
         for pass_name, flop_mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
             label = f"{case.label} {pass_name}"
-            for name, (make, why, _) in impls.items():
+            for name, (make, why, info) in impls.items():
                 mode = "shared" if "shared" in name else "repeated"
                 flops = per_pair * pairs[mode] * flop_mult
                 progress(f"attention | {label} | {name}")
+                extra = {}
+                if make is not None and info.get("flex"):
+                    if pass_name == "fwd+bwd":
+                        if device.type not in flex_bwd_why:
+                            flex_bwd_why[device.type] = flex_backward_problem(device)
+                        why = flex_bwd_why[device.type]
+                    if not why and FLEX_COMPILE and time_left() < 60:
+                        why = "skipped: the attention suite's time share is spent (FlexAttention compiles)"
+                    if why:
+                        make = None
+                    else:
+                        if mode not in flex_build_ms:
+                            flex_build_ms[mode] = time_fn(
+                                lambda: flex_block_mask(info["layout"], info["segment_ids"], device), device,
+                                budget_s=budget / 2)
+                        extra["block mask build ms"] = flex_build_ms[mode]
+                        make = partial(make, grad=pass_name != "fwd")
                 if make is None:
                     rows.append(Row(SUITE, label, name, None, flops=flops, note=why, config=config))
                     continue
@@ -278,7 +424,7 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
 
                         def step():
                             return torch.autograd.grad(fwd(), inputs, grad)
-                    if pass_name == "fwd" and mode == "repeated":
+                    if pass_name == "fwd":
                         check[name] = out
                     ms = time_fn(step, device, budget_s=budget)
                 except Exception as exc:
@@ -289,18 +435,12 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
                 note = "different semantics: context computed once (segments)" if mode == "shared" else ""
                 rows.append(Row(SUITE, label, name, ms, flops=flops, baseline=BASELINE, note=note, config=config,
                                 headline=pass_name == "fwd+bwd" and (shape.name, batch) == headline_case,
-                                same_work=mode != "shared"))
+                                same_work=mode != "shared", extra=extra,
+                                differs="shared-context layout (other semantics)" if mode == "shared" else "",
+                                held_equal=HELD_EQUAL if mode == "repeated" else ""))
                 del inputs, out
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        # Correctness on the real shape: ours repeated vs PyTorch's SDPA on the padded batch.
-        ours = [k for k in check if k.startswith("ours repeated")]
-        if BASELINE in check and ours:
-            want = check[BASELINE].transpose(1, 2).reshape(-1, shape.heads, shape.head_dim)
-            want = want[rep_layout.seq_index * rep_layout.longest + rep_layout.positions]
-            bad = float((check[ours[0]].float() - want.float()).abs().max())
-            tol = 1e-4 if dtype == torch.float32 else 3e-2
-            if bad > tol:
-                rows.append(Row(SUITE, case.label, ours[0], None, note=f"MISMATCH vs SDPA: {bad:.3g}"))
+        rows += check_outputs(case, check, rep_layout, sh_layout, device)
         del case, impls, check
     return rows

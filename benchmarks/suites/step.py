@@ -6,24 +6,37 @@ views and the action (data/augment), sample the multi-block masks and copy them 
 backward, AdamW, and the EMA update of the target encoder. Images are synthetic (smoothed noise);
 decoding and cropping happen in DataLoader workers in training and are not part of the step.
 
-Variants (same weights, same images, same augmentation parameters and masks, step by step):
+Cases: the `tiny` preset (IWM's complement masks) and I-JEPA's own configuration `ijepa_vitt16`
+(ViT-Ti/16 at 224 px, batch 32, a 6x96 predictor, no conditioning, I-JEPA's block masks: 4 targets of
+15-20 %, a context block of 85-100 % minus the targets, min_keep 4, fp32); on a GPU also the paper's
+ViT-B/L presets (bf16 autocast).
 
-  eager I-JEPA-style (baseline)   the step as I-JEPA's code does it on the same model: masks truncated
-                                  to the batch minimum (rectangular [B, K]), I-JEPA's `apply_masks`
-                                  (torch.gather), one dense predictor sequence per (sample, target
-                                  block) with the context repeated, layer_norm of the whole target
-                                  encoder output before gathering, augmentation as the per-transform
-                                  chain, the per-parameter EMA loop. Dense attention is PyTorch's SDPA
-                                  (I-JEPA writes q @ k^T, softmax, @ v by hand: SDPA favours the
-                                  baseline). Every iwm_kernels op in it runs with backend="reference".
-  eager I-JEPA-style + torch.compile   the same, with its forward compiled.
-  eager reference kernels (same model) our step and model (ragged masks, the preset's predictor
-                                  layout) with every op on backend="reference": what the fused
-                                  kernels replace, same math. Its attention is a per-sequence loop,
-                                  so on a GPU it measures launch overhead; timed on the CPU, and on
-                                  the GPU outside --quick.
-  ours (fused)                    our step: ragged masks, fused kernels (automatic backends).
-  ours + torch.compile            the same with the forward compiled (iwm.train's meta.compile).
+Variants. Every row starts from the same weights, images, augmentation parameters and sampled masks,
+and every row's loss is smooth-L1 (I-JEPA's; L2 costs the same). What each row holds equal or changes:
+
+  I-JEPA (faithful, eager)    the baseline: `benchmarks.ijepa_baseline`, I-JEPA's step written from its
+                              semantics on the same weights: truncated masks (the collator's batch
+                              minimum), apply_masks with torch.gather, the context repeated per target
+                              block as a dense [M*B, Kc+Kt] batch, hand-written attention (q @ k^T *
+                              scale, softmax, @ v), layer_norm of the whole target output then gather,
+                              smooth-L1, torch's default AdamW on I-JEPA's four parameter groups, the
+                              per-parameter EMA loop; augmentation as the per-transform chain.
+  I-JEPA (faithful) + torch.compile   the same with its forward compiled.
+  eager reference kernels (equal work)   our step on the baseline's masks and layout with every
+                              iwm_kernels op on backend="reference" (what the fused kernels replace).
+                              Its attention is a per-sequence loop: on a GPU it measures launch
+                              overhead (skipped in --quick there).
+  ours, equal work            our fused step (automatic backends) on exactly the baseline's masks
+                              (MaskBatch.truncated(): the same context and target tokens) and the
+                              paper's repeated predictor layout: the same model, the same tokens, the
+                              same FLOPs (the suite checks the two losses agree at step 0). The
+                              headline's speedup is this row (or its compiled form) against the baseline.
+  ours, equal work + torch.compile   the same with the forward compiled (iwm.train's meta.compile).
+  ours, ragged masks          model option: the sampler's ragged masks, every sampled patch kept (no
+                              truncation bias): more context tokens than the baseline, more work.
+  ours, shared context        model option: the baseline's masks, the opt-in shared-context predictor
+                              (context computed once per sample; a different model from depth 2): less
+                              work. Neither model-option row is the headline's "ours".
 
 The optimiser is AdamW with I-JEPA's parameter groups: torch's default implementation in the baselines
 (as I-JEPA builds it), the fused one in ours (as `iwm.train` builds it).
@@ -33,11 +46,12 @@ in the eager form of the variant. It compiles with dynamic=True, because the tok
 step. A compile that fails, or takes longer than its time limit, leaves a row with the reason.
 
 Measures: step ms (median over the timed steps, warm-up and compilation excluded), img/s, peak memory
-(CUDA: max allocated; CPU: the process's peak resident set during the timed steps), and model FLOPs
-utilisation: `benchmarks.flops` counts the step's FLOPs from its masks (each variant's own layout),
-and the report divides the achieved rate by the matmul ceiling measured in the same run. Breakdown:
-CUDA events (GPU) or the wall clock (CPU) at the boundaries of the phases below, read after each step's
-final synchronisation; the phases of a compiled forward are not separable (one "forward" phase).
+(CUDA: max allocated; CPU: the process's peak resident set during the timed steps), the context and
+target tokens per step, and model FLOPs: `benchmarks.flops` counts the step's FLOPs from each
+variant's own masks and layout, and the report divides the achieved rate by the matmul ceiling
+measured in the same run (MFU). Breakdown: CUDA events (GPU) or the wall clock (CPU) at the boundaries
+of the phases below, read after each step's final synchronisation; the phases of a compiled forward
+are not separable (one "forward" phase).
 """
 from __future__ import annotations
 
@@ -54,29 +68,50 @@ from torch import nn
 
 from iwm import augment as aug
 from iwm.masks import MultiBlockMaskSampler
-from iwm.models import IWM, get_preset
-from iwm.models.presets import PRESETS
+from iwm.models import IWM
+from iwm.models.presets import PRESETS, ModelPreset
 from iwm.train import build_optimizer, param_groups
 
+from .. import ijepa_baseline
 from ..common import Row, TimeLimitExceeded, quiet_compile, time_left, time_limit
 from ..flops import mask_lengths, step_flops
-from .gather import ijepa_apply_masks
+from ..ijepa_baseline import IJEPAForward
 
 SUITE = "step"
-BASELINE = "eager I-JEPA-style"
+BASELINE = "I-JEPA (faithful, eager)"
+EQUAL_WORK = "ours, equal work"
 PHASES = ("data/augment", "masks", "target encoder", "encoder", "predictor", "loss", "forward (compiled)",
           "backward", "optimizer", "EMA")
 MOMENTUM = 0.996
+LOSS = ijepa_baseline.LOSS
+HELD_EQUAL = ("weights, images, augmentation, I-JEPA's truncated masks (same context/target tokens), "
+              "repeated predictor layout, model FLOPs, smooth-L1 loss, AdamW groups and EMA")
+
+# I-JEPA's own configuration (ViT-Ti/16, 6x96 predictor, no conditioning), beside the presets.
+IJEPA_VITT16 = ModelPreset("vit_tiny", 224, 16, pred_depth=6, pred_dim=96, conditioning="none",
+                           shared_context=False, description="I-JEPA ViT-Ti/16, 6x96 predictor")
+MODELS = dict(PRESETS, ijepa_vitt16=IJEPA_VITT16)
+# Mask settings per case (the rest are the sampler's defaults, I-JEPA's: 4 targets of 15-20 %,
+# aspect 0.75-1.5, context scale 0.85-1.0).
+IJEPA_MASKS = {"context_mode": "block", "min_keep": 4}
+FP32_CASES = ("tiny", "ijepa_vitt16")
+
+
+def mask_settings(case_name: str, grid: int) -> dict:
+    if case_name == "ijepa_vitt16":
+        return dict(IJEPA_MASKS)
+    return {"context_mode": "complement", "min_keep": 4 if grid < 14 else 10}
 
 
 @dataclass(frozen=True)
 class StepCase:
-    preset: str
+    preset: str       # a key of MODELS
     batch: int
     bf16: bool        # bf16 autocast around the forward (GPU presets), else fp32
     warmup: int       # untimed steps first (compilation happens there)
     iters: int        # timed steps
     compile_limit_s: float  # longest a compiled variant may spend on its untimed steps
+    only: Optional[tuple[str, ...]] = None  # run only these variants (the others get a row saying so)
 
     @property
     def label(self) -> str:
@@ -86,73 +121,71 @@ class StepCase:
 @dataclass(frozen=True)
 class Variant:
     name: str
-    dataflow: str            # "ijepa" (truncated masks, dense, repeated context) or "packed" (ours)
+    impl: str                # "ijepa" (benchmarks.ijepa_baseline) or "ours" (IWM.forward)
+    masks: str               # "truncated" (I-JEPA's collator form) or "ragged" (the sampler's)
+    layout: str              # predictor layout: "repeated" (the paper's) or "shared" (opt-in option)
     backend: Optional[str]   # iwm_kernels backend for every op; None = automatic (the fused kernels)
     compiled: bool = False
     essential: bool = False  # run even when the suite's time share is spent (the baseline and ours)
+    changes: str = ""        # what a model-option row changes against the baseline ("" = equal work)
+
+    @property
+    def same_work(self) -> bool:
+        return not self.changes
 
 
 VARIANTS = (
-    Variant(BASELINE, "ijepa", "reference", essential=True),
-    Variant(BASELINE + " + torch.compile", "ijepa", "reference", compiled=True),
-    Variant("eager reference kernels (same model)", "packed", "reference"),
-    Variant("ours (fused)", "packed", None, essential=True),
-    Variant("ours + torch.compile", "packed", None, compiled=True),
+    Variant(BASELINE, "ijepa", "truncated", "repeated", "reference", essential=True),
+    Variant("I-JEPA (faithful) + torch.compile", "ijepa", "truncated", "repeated", "reference", compiled=True),
+    Variant("eager reference kernels (equal work)", "ours", "truncated", "repeated", "reference"),
+    Variant(EQUAL_WORK, "ours", "truncated", "repeated", None, essential=True),
+    Variant(EQUAL_WORK + " + torch.compile", "ours", "truncated", "repeated", None, compiled=True),
+    Variant("ours, ragged masks", "ours", "ragged", "repeated", None,
+            changes="ragged masks: every sampled context patch kept (no truncation to the batch minimum), "
+                    "more tokens"),
+    Variant("ours, shared context", "ours", "truncated", "shared", None,
+            changes="shared-context predictor (opt-in model option, a different model from depth 2): "
+                    "the context computed once per sample, less work"),
 )
+
+
+def variant(name: str) -> Variant:
+    return next(v for v in VARIANTS if v.name == name)
 
 
 def configs(device: torch.device, quick: bool) -> list[StepCase]:
     """The cases to run; IWM_BENCH_STEP_PRESETS=name,name restricts them (e.g. to fit a short GPU slot)."""
     if device.type == "cuda":
         if quick:
-            cases = [StepCase("iwm_equi_vitb16", 128, True, warmup=3, iters=8, compile_limit_s=120)]
+            cases = [StepCase("iwm_equi_vitb16", 128, True, warmup=3, iters=8, compile_limit_s=120),
+                     StepCase("ijepa_vitt16", 32, False, warmup=3, iters=8, compile_limit_s=0)]
         else:
             cases = [StepCase(p, 128, True, warmup=3, iters=15, compile_limit_s=240)
                      for p in ("iwm_inv_vitb16", "iwm_equi_vitb16", "iwm_equi_vitl16")]
+            cases.append(StepCase("ijepa_vitt16", 32, False, warmup=3, iters=15, compile_limit_s=240))
     elif quick:
-        cases = [StepCase("tiny", 32, False, warmup=1, iters=3, compile_limit_s=0)]
+        # I-JEPA's ViT-Ti/16 takes seconds per step on a few cores: the baseline and the equal-work
+        # row only, one timed step.
+        cases = [StepCase("tiny", 32, False, warmup=1, iters=3, compile_limit_s=0),
+                 StepCase("ijepa_vitt16", 32, False, warmup=1, iters=1, compile_limit_s=0,
+                          only=(BASELINE, EQUAL_WORK))]
     else:
-        cases = [StepCase("tiny", 32, False, warmup=2, iters=8, compile_limit_s=240)]
+        cases = [StepCase("tiny", 32, False, warmup=2, iters=8, compile_limit_s=240),
+                 StepCase("ijepa_vitt16", 32, False, warmup=1, iters=3, compile_limit_s=240)]
     wanted = [p.strip() for p in os.environ.get("IWM_BENCH_STEP_PRESETS", "").split(",") if p.strip()]
     if wanted:
-        unknown = set(wanted) - set(PRESETS)
+        unknown = set(wanted) - set(MODELS)
         if unknown:
-            raise ValueError(f"IWM_BENCH_STEP_PRESETS: unknown preset(s) {sorted(unknown)}")
+            raise ValueError(f"IWM_BENCH_STEP_PRESETS: unknown preset(s) {sorted(unknown)}; "
+                             f"choose from {', '.join(MODELS)}")
         template = cases[0]
         cases = [c for c in cases if c.preset in wanted] + [
-            replace(template, preset=p, bf16=p != "tiny" and device.type == "cuda")
+            replace(template, preset=p, bf16=p not in FP32_CASES and device.type == "cuda")
             for p in wanted if p not in {c.preset for c in cases}]
     return cases
 
 
-# ---- the I-JEPA-style forward ---------------------------------------------------------------------------
-class IJEPAStyleForward(nn.Module):
-    """I-JEPA's forward on an `IWM`'s weights (see the module docstring): returns the loss."""
-
-    def __init__(self, model: IWM):
-        super().__init__()
-        self.model = model
-        self.mark: Optional[Callable[[str], None]] = None   # phase marks (eager only)
-
-    def _mark(self, name: str) -> None:
-        if self.mark is not None:
-            self.mark(name)
-
-    def forward(self, source, target, masks_enc, masks_pred, action):
-        m = self.model
-        with torch.no_grad():
-            h = m.target_encoder(target, backend="reference")
-            h = F.layer_norm(h, (h.size(-1),))
-            h = ijepa_apply_masks(h, masks_pred)                       # [M*B, Kt, D], mask-major
-        self._mark("target encoder")
-        z = m.encoder(source, masks_enc, backend="reference")          # [B, Kc, D]
-        self._mark("encoder")
-        z = m.predictor(z, masks_enc, masks_pred, action=action, backend="reference")
-        self._mark("predictor")
-        loss_fn = F.mse_loss if m.loss_name == "l2" else F.smooth_l1_loss
-        return loss_fn(z.float(), h.float())
-
-
+# ---- our forward, as one module to compile --------------------------------------------------------------
 class PackedForward(nn.Module):
     """`IWM.forward` with every op on one backend (None: automatic), as one module to compile."""
 
@@ -162,13 +195,6 @@ class PackedForward(nn.Module):
 
     def forward(self, source, target, masks, action):
         return self.model(source, target, masks, action, backend=self.backend)
-
-
-def ijepa_ema_(target: nn.Module, online: nn.Module, m: float) -> None:
-    """I-JEPA's EMA: one mul_ and one add_ per parameter."""
-    with torch.no_grad():
-        for q, k in zip(online.parameters(), target.parameters()):
-            k.data.mul_(m).add_((1.0 - m) * q.detach().data)
 
 
 # ---- timing helpers -------------------------------------------------------------------------------------
@@ -237,18 +263,29 @@ def _sync(device: torch.device) -> None:
 
 
 # ---- one configuration ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Work:
+    """Mean work of one step of a variant: model FLOPs and the tokens each part sees."""
+    flops: float
+    context_tokens: float     # encoder tokens (context patches over the batch)
+    target_tokens: float      # predicted target tokens over the batch
+    predictor_tokens: float   # tokens in the predictor's sequences (the context counted once per copy)
+
+
 class StepBench:
     """The model, data and masks of one StepCase, and the step of each variant."""
 
     def __init__(self, case: StepCase, device: torch.device, seed: int = 0):
         self.case, self.device = case, device
-        preset = get_preset(case.preset)
+        if case.preset not in MODELS:
+            raise ValueError(f"case.preset: unknown {case.preset!r}; choose from {', '.join(MODELS)}")
+        preset = MODELS[case.preset]
         torch.manual_seed(seed)
-        self.model = IWM.from_preset(preset).to(device)
+        self.model = IWM.from_preset(preset, loss=LOSS).to(device)
         self.model.check_inputs = False       # as iwm.train does on GPU: no host sync for a finite check
         self.grid = preset.img_size // preset.patch_size
-        self.sampler = MultiBlockMaskSampler(self.grid, context_mode="complement", min_keep=4 if self.grid < 14 else 10,
-                                             seed=seed)
+        self.mask_settings = mask_settings(case.preset, self.grid)
+        self.sampler = MultiBlockMaskSampler(self.grid, seed=seed, **self.mask_settings)
         self.aug_cfg = aug.AugmentConfig(out_size=preset.img_size)
         gen = torch.Generator().manual_seed(seed)
         images = torch.randint(0, 256, (case.batch, 3, preset.img_size, preset.img_size), generator=gen,
@@ -256,28 +293,43 @@ class StepBench:
         # smooth the noise a little so the colour transforms see photo-like colours
         images = F.avg_pool2d(images.float(), 5, 1, 2).round().to(torch.uint8)
         self.host_images = images.pin_memory() if device.type == "cuda" else images
-        self.shared = preset.shared_context
         # Every variant starts from these weights (each one trains the shared model as it is timed).
         self.initial_state = {k: v.clone() for k, v in self.model.state_dict().items()}
 
-    def flops(self, variant: Variant, steps: range) -> float:
-        """Mean model FLOPs of `variant`'s steps (each variant counts its own layout)."""
-        total = 0.0
+    def masks_for(self, variant: Variant, step: int):
+        """The variant's masks for `step`, on the CPU: I-JEPA's lists of [B, K], or a MaskBatch
+        (truncated to the baseline's tokens, or ragged)."""
+        masks = self.sampler.sample(self.case.batch, step)
+        if variant.impl == "ijepa":
+            return masks.to_ijepa()
+        return masks.truncated() if variant.masks == "truncated" else masks
+
+    def work(self, variant: Variant, steps: range) -> Work:
+        """Mean work of `variant`'s steps, counted from its own masks and layout."""
+        flops = ctx_tokens = tgt_tokens = pred_tokens = 0.0
+        n = max(1, len(steps))
         for i in steps:
             masks = self.sampler.sample(self.case.batch, i)
-            if variant.dataflow == "ijepa":
-                enc, pred = masks.to_ijepa()
-                kc, kt = enc[0].shape[1], pred[0].shape[1]
-                ctx, tgt = [kc] * self.case.batch, [[kt] * len(pred)] * self.case.batch
-                total += step_flops(self.model, ctx, tgt, shared=False).step
-            else:
-                ctx, tgt = mask_lengths(masks)
-                total += step_flops(self.model, ctx, tgt, shared=self.shared).step
-        return total / max(1, len(steps))
+            if variant.masks == "truncated":
+                masks = masks.truncated()
+            ctx, tgt = mask_lengths(masks)
+            shared = variant.layout == "shared"
+            flops += step_flops(self.model, ctx, tgt, shared=shared,
+                                split_conditioning=variant.impl != "ijepa").step
+            ctx_tokens += sum(ctx)
+            tgt_tokens += sum(map(sum, tgt))
+            pred_tokens += sum(c + sum(t) if shared else len(t) * c + sum(t) for c, t in zip(ctx, tgt))
+        return Work(flops / n, ctx_tokens / n, tgt_tokens / n, pred_tokens / n)
+
+    def flops(self, variant: Variant, steps: range) -> float:
+        return self.work(variant, steps).flops
 
     def optimizer_for(self, variant: Variant) -> torch.optim.Optimizer:
-        """Ours: the optimiser iwm.train builds (fused AdamW); the baselines: torch's default AdamW, as
-        I-JEPA builds it. Same groups and hyperparameters."""
+        """Ours: the optimiser iwm.train builds (fused AdamW); the baseline: torch's default AdamW on
+        I-JEPA's four groups, as I-JEPA builds it; the reference-kernel variant: torch's default AdamW on
+        our groups. Same hyperparameters, the same decay/no-decay split."""
+        if variant.impl == "ijepa":
+            return ijepa_baseline.build_optimizer(self.model, 1e-4, 0.04)
         if variant.backend is None:
             return build_optimizer(self.model, 1e-4, 0.04)
         return torch.optim.AdamW(param_groups(self.model), lr=1e-4, weight_decay=0.04)
@@ -289,8 +341,10 @@ class StepBench:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.bf16)
         backend = variant.backend
         hooks = []
-        if variant.dataflow == "ijepa":
-            fwd = IJEPAStyleForward(model)
+        layout_before = model.predictor.shared_context
+        model.predictor.shared_context = variant.layout == "shared"
+        if variant.impl == "ijepa":
+            fwd = IJEPAForward(model)
             if variant.compiled:
                 fwd = torch.compile(fwd, dynamic=True)
             else:
@@ -312,16 +366,15 @@ class StepBench:
             source, target = aug.render_views(images, params, self.aug_cfg, backend=backend)
             action = aug.action_from_params(params).to(device, non_blocking=True) if needs_action else None
             marks("data/augment")
-            masks = self.sampler.sample(case.batch, i)
-            if variant.dataflow == "ijepa":  # I-JEPA's collator truncates on the CPU, then the copy
-                enc, pred = masks.to_ijepa()
-                enc = [m.to(device, non_blocking=True) for m in enc]
-                pred = [m.to(device, non_blocking=True) for m in pred]
+            masks = self.masks_for(variant, i)  # I-JEPA's collator truncates on the CPU, then the copy
+            if variant.impl == "ijepa":
+                enc = [m.to(device, non_blocking=True) for m in masks[0]]
+                pred = [m.to(device, non_blocking=True) for m in masks[1]]
             else:
                 masks = masks.to(device, non_blocking=True)
             marks("masks")
             with autocast:
-                if variant.dataflow == "ijepa":
+                if variant.impl == "ijepa":
                     loss = fwd(source, target, enc, pred, action)
                 else:
                     loss, _ = fwd(source, target, masks, action)
@@ -331,8 +384,8 @@ class StepBench:
             marks("backward")
             optimizer.step()
             marks("optimizer")
-            if variant.dataflow == "ijepa":
-                ijepa_ema_(model.target_encoder, model.encoder, MOMENTUM)
+            if variant.impl == "ijepa":
+                ijepa_baseline.ema_(model.target_encoder, model.encoder, MOMENTUM)
             else:
                 model.update_target(MOMENTUM, backend=backend)
             marks("EMA")
@@ -340,28 +393,48 @@ class StepBench:
         def cleanup() -> None:
             for h in hooks:
                 h.remove()
+            model.predictor.shared_context = layout_before
             if variant.compiled:
                 torch._dynamo.reset()
         return step, cleanup
 
+    def config(self, variant: Variant) -> dict:
+        case = self.case
+        return {"preset": case.preset, "batch": case.batch, "dtype": "bf16 autocast" if case.bf16 else "fp32",
+                "img_size": self.model.encoder.img_size, "grid": self.grid, "impl": variant.impl,
+                "masks": variant.masks, "mask_settings": self.mask_settings, "predictor_layout": variant.layout,
+                "conditioning": self.model.conditioning, "loss": LOSS,
+                "backend": variant.backend or "automatic", "compiled": variant.compiled,
+                "changes": variant.changes or "nothing (equal work)", "warmup_steps": case.warmup,
+                "timed_steps": case.iters}
+
+    def row(self, variant: Variant, ms: Optional[float], note: str = "", work: Optional[Work] = None,
+            extra: Optional[dict] = None) -> Row:
+        config = self.config(variant)
+        if work is not None:
+            config.update(context_tokens=work.context_tokens, target_tokens=work.target_tokens,
+                          predictor_tokens=work.predictor_tokens, model_flops=work.flops)
+        return Row(SUITE, self.case.label, variant.name, ms, flops=work.flops if work else None, baseline=BASELINE,
+                   note=note, config=config, extra=extra or {}, headline=True, same_work=variant.same_work,
+                   differs=variant.changes, held_equal=HELD_EQUAL)
+
     def run_variant(self, variant: Variant, progress: Callable[[str], None]) -> Row:
         case, device = self.case, self.device
-        config = {"preset": case.preset, "batch": case.batch, "dtype": "bf16 autocast" if case.bf16 else "fp32",
-                  "img_size": self.model.encoder.img_size, "grid": self.grid, "dataflow": variant.dataflow,
-                  "backend": variant.backend or "automatic", "compiled": variant.compiled,
-                  "predictor_layout": "repeated" if variant.dataflow == "ijepa" or not self.shared else "shared",
-                  "warmup_steps": case.warmup, "timed_steps": case.iters}
         timed = range(case.warmup, case.warmup + case.iters)
-        flops = self.flops(variant, timed)
+        work = self.work(variant, timed)
 
         def row(ms: Optional[float], note: str = "", **kw) -> Row:
-            return Row(SUITE, case.label, variant.name, ms, flops=flops, baseline=BASELINE, note=note, config=config,
-                       headline=True, **kw)
+            return self.row(variant, ms, note, work, **kw)
 
+        if case.only is not None and variant.name not in case.only:
+            return row(None, "skipped in --quick for this case (seconds per step on a few cores): "
+                             "the baseline and the equal-work row only")
         if time_left() <= 0 and not variant.essential:
             return row(None, "skipped: the step suite's share of the report's time budget is spent")
         if variant.compiled and case.compile_limit_s <= 0:
-            return row(None, "skipped in --quick on the CPU (compiling takes minutes on a few cores)")
+            where = "on the CPU (compiling takes minutes on a few cores)" if device.type == "cpu" else \
+                "for this case (GPU time is kept for the main case's compile)"
+            return row(None, f"skipped in --quick {where}")
         if variant.compiled:
             left = time_left()
             if left < 0.5 * case.compile_limit_s:
@@ -408,27 +481,51 @@ class StepBench:
         breakdown = {p: statistics.fmean(s.get(p, 0.0) for s in phases) for p in names}
         progress(f"  {variant.name}: {ms:.1f} ms/step, {case.batch / ms * 1e3:.1f} img/s")
         peak_key = "peak MB (allocated)" if device.type == "cuda" else "peak MB (process RSS)"
-        return row(ms, extra={"img/s": case.batch / ms * 1e3, peak_key: peak, "model GFLOP/step": flops / 1e9,
+        return row(ms, extra={"img/s": case.batch / ms * 1e3, peak_key: peak,
+                              "context tokens": work.context_tokens, "target tokens": work.target_tokens,
+                              "model GFLOP/step": work.flops / 1e9,
                               "warm-up s" + (" incl. compile" if variant.compiled else ""): warm_s,
                               "breakdown_ms": breakdown})
 
-    def check(self) -> Optional[str]:
-        """Ours against the reference backends on one batch: the losses must agree (same model)."""
-        case = self.case
-        masks = self.sampler.sample(case.batch, 0).to(self.device)
+    def losses_at_step0(self) -> dict[str, float]:
+        """Step-0 losses from the initial weights and the reference views: the baseline, ours on equal
+        work (fused and reference kernels), ours on the ragged masks (fused and reference kernels)."""
+        case, device, model = self.case, self.device, self.model
         params = aug.sample_view_params(case.batch, self.aug_cfg, aug.generator_for_step(0, 0))
-        images = self.host_images.to(self.device)
-        action = aug.action_from_params(params).to(self.device)
-        losses = {}
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=case.bf16):
-            for backend in ("reference", None):
-                source, target = aug.render_views(images, params, self.aug_cfg, backend=backend)
-                losses[backend] = float(self.model(source, target, masks, action, backend=backend)[0])
-        ref, ours = losses["reference"], losses[None]
-        tol = 3e-2 if case.bf16 else 1e-3
-        if abs(ours - ref) > tol * max(abs(ref), 1e-3):
-            return f"MISMATCH: loss {ours:.5g} (ours) vs {ref:.5g} (reference kernels)"
-        return None
+        images = self.host_images.to(device)
+        action = aug.action_from_params(params).to(device) if model.conditioning != "none" else None
+        source, target = aug.render_views(images, params, self.aug_cfg, backend="reference")
+        enc, pred = self.masks_for(variant(BASELINE), 0)
+        equal = self.masks_for(variant(EQUAL_WORK), 0).to(device)
+        ragged = self.sampler.sample(case.batch, 0).to(device)
+        layout_before = model.predictor.shared_context
+        model.predictor.shared_context = False
+        out = {}
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.bf16):
+                out["baseline"] = float(IJEPAForward(model)(source, target, [m.to(device) for m in enc],
+                                                            [m.to(device) for m in pred], action))
+                for name, masks in (("equal work", equal), ("ragged", ragged)):
+                    for backend in ("reference", None):
+                        key = f"{name} ({backend or 'fused'})"
+                        out[key] = float(model(source, target, masks, action, backend=backend)[0])
+        finally:
+            model.predictor.shared_context = layout_before
+        return out
+
+    def check(self) -> Optional[str]:
+        """At step 0, on the same weights and views: ours against the reference kernels (same masks),
+        and the equal-work row against the faithful baseline (same tokens: the losses must agree)."""
+        self.model.load_state_dict(self.initial_state)
+        losses = self.losses_at_step0()
+        tol = 3e-2 if self.case.bf16 else 1e-3
+        problems = []
+        for a, b in (("ragged (fused)", "ragged (reference)"), ("equal work (fused)", "equal work (reference)"),
+                     ("equal work (fused)", "baseline")):
+            x, y = losses[a], losses[b]
+            if not abs(x - y) <= tol * max(abs(y), 1e-3):
+                problems.append(f"loss {x:.5g} ({a}) vs {y:.5g} ({b})")
+        return ("MISMATCH: " + "; ".join(problems)) if problems else None
 
 
 def variants_for(device: torch.device, quick: bool) -> list[tuple[Variant, str]]:
@@ -436,7 +533,7 @@ def variants_for(device: torch.device, quick: bool) -> list[tuple[Variant, str]]
     out = []
     for v in VARIANTS:
         why = ""
-        if v.backend == "reference" and v.dataflow == "packed" and device.type == "cuda" and quick:
+        if v.backend == "reference" and v.impl == "ours" and device.type == "cuda" and quick:
             why = "skipped in --quick on the GPU (per-sequence reference attention: launch-bound, seconds per step)"
         out.append((v, why))
     return out
@@ -452,13 +549,13 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
         bench = StepBench(case, device)
         problem = bench.check()
         if problem:
-            rows.append(Row(SUITE, case.label, "ours (fused)", None, note=problem))
-        for variant, why in variants_for(device, quick):
-            progress(f"step | {case.label} | {variant.name}")
+            rows.append(Row(SUITE, case.label, EQUAL_WORK, None, note=problem))
+        for v, why in variants_for(device, quick):
+            progress(f"step | {case.label} | {v.name}")
             if why:
-                rows.append(Row(SUITE, case.label, variant.name, None, baseline=BASELINE, note=why, headline=True))
+                rows.append(bench.row(v, None, why))
                 continue
-            rows.append(bench.run_variant(variant, progress))
+            rows.append(bench.run_variant(v, progress))
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
