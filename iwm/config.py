@@ -163,6 +163,7 @@ class LoggingConfig:
     keep_checkpoints: int = 3             # periodic checkpoints kept (latest is always kept)
     tensorboard: bool = True
     progress_bar: str = "auto"            # auto (on a TTY) | on | off
+    profile_steps: str = ""               # "A:B": steps A..B-1 under torch.profiler -> trace.json ("" = off)
 
 
 @dataclass
@@ -443,8 +444,27 @@ def _check_logging(cfg: Config) -> None:
         raise ConfigError(f"logging.write_tag: must be a plain file-name stem (letters, digits, '_', '-', '.'; "
                           f"no path separator, no '..', at most 100 characters), got {lg.write_tag!r}")
     _at_least("logging.log_every", lg.log_every, 1)
+    profile_window(lg.profile_steps)  # raises ConfigError naming logging.profile_steps
     _at_least("logging.checkpoint_every", lg.checkpoint_every, 0)
     _at_least("logging.keep_checkpoints", lg.keep_checkpoints, 0)
+
+
+def profile_window(text: str) -> Optional[tuple[int, int]]:
+    """logging.profile_steps "A:B" as (A, B), the steps A <= step < B (0-based, as metrics.jsonl counts
+    them); "" is None (no profiling)."""
+    text = str(text).strip()
+    if not text:
+        return None
+    parts = text.split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        lo, hi = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ConfigError(f"logging.profile_steps: expected A:B (two step numbers, e.g. 10:12), got {text!r}") from None
+    if lo < 0 or hi <= lo:
+        raise ConfigError(f"logging.profile_steps: need 0 <= A < B, got {text!r}")
+    return lo, hi
 
 
 def scheduled_eval_tasks(cfg: Config) -> tuple:

@@ -1,8 +1,10 @@
 """IWM training: `python -m iwm.train --config CONFIG.yaml [section.key=value ...]` (or `iwm-train`).
 
-Reads top to bottom as the method: build the models, the data and the masks; each step makes the two
-views on the device, runs the IWM loss, steps AdamW, updates the EMA target; logs, checkpoints,
-evaluates. `torchrun --nproc_per_node=N -m iwm.train ...` runs the same code under DDP.
+The loop around the step: iwm.builders builds the models, the data and the masks; iwm.step runs each
+step (views, forward, backward, clip, AdamW, EMA) without reading anything back from the device; this
+module applies the schedules, reads the steps' losses and statistics once per window (log steps,
+checkpoints, evaluations, stop requests), logs them, checkpoints, evaluates, and stops on signals or
+a non-finite step. `torchrun --nproc_per_node=N -m iwm.train ...` runs the same code under DDP.
 """
 from __future__ import annotations
 
@@ -12,124 +14,33 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as torch_dist
 
-from . import augment as aug
+import iwm_kernels
+
+from .builders import (RankMasks, augment_config, build_dataset, build_loader, build_mask_sampler,  # noqa: F401
+                       build_model, build_optimizer, load_training_state, model_preset, param_groups,
+                       resolve_device)
 from .checkpoint import (LATEST, CheckpointError, config_changes, find_resume_checkpoint, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
-from .config import Config, ConfigError, check_data_paths, load_config, save_config, validate
-from .data import BuiltinPhotos, ImageFolderDataset, KeyedDataset, StepBatchSampler, StepCollator
+from .config import Config, ConfigError, check_data_paths, load_config, profile_window, save_config
+from .distributed import DistInfo, DistributedError, init_distributed, shutdown
 from .image_decode import gpu_decode_problem
-from .distributed import DistInfo, DistributedError, all_reduce_mean, init_distributed, shutdown
-from .masks import MultiBlockMaskSampler
 from .metrics import MetricsWriter, Progress, format_duration, peak_memory_mb, plot_run
-from .models import IWM, get_preset
-from .models.presets import ModelPreset
 from .schedules import Schedules, apply_lr_wd
-from .stopping import StopFlag, blocked_stop_signals, ignore_stop_signals_in_worker
+from .step import ROW_COLUMNS, TrainStep, profiled_submodules
+from .stopping import StopFlag, blocked_stop_signals
+
+# The names above from .builders stay importable from iwm.train (the benchmarks use build_optimizer and
+# param_groups); new code imports them from iwm.builders.
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (non-finite loss); the message says why and where."""
-
-
-# --------------------------------------------------------------------------------------------- set-up
-def resolve_device(cfg: Config) -> torch.device:
-    want = cfg.meta.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("meta.device: cuda requested but no CUDA device is available")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
-
-
-def model_preset(cfg: Config) -> ModelPreset:
-    """meta.preset fills the model; the I-JEPA keys (model_name, pred_depth, pred_emb_dim) and ours
-    (conditioning, shared_context) win where the config sets them. Without a preset they define it."""
-    m = cfg.meta
-    if not m.preset:
-        return ModelPreset(m.model_name, cfg.data.crop_size, cfg.mask.patch_size, m.pred_depth, m.pred_emb_dim,
-                           m.conditioning, m.shared_context)
-    base = get_preset(m.preset)
-    chosen = {"encoder": ("meta.model_name", m.model_name), "pred_depth": ("meta.pred_depth", m.pred_depth),
-              "pred_dim": ("meta.pred_emb_dim", m.pred_emb_dim), "conditioning": ("meta.conditioning", m.conditioning),
-              "shared_context": ("meta.shared_context", m.shared_context)}
-    overrides = {field: value for field, (key, value) in chosen.items() if key in cfg.explicit}
-    if "encoder" in overrides and overrides["encoder"] != base.encoder:
-        overrides.update(encoder_depth=None, encoder_dim=None)
-    # The preset's resolution and patch apply unless the config names them; the data follows the model.
-    if "data.crop_size" not in cfg.explicit:
-        cfg.data.crop_size = base.img_size
-    if "mask.patch_size" not in cfg.explicit:
-        cfg.mask.patch_size = base.patch_size
-    validate(cfg)
-    return replace(base, img_size=cfg.data.crop_size, patch_size=cfg.mask.patch_size, **overrides)
-
-
-def build_mask_sampler(cfg: Config, seed: int) -> MultiBlockMaskSampler:
-    grid = cfg.data.crop_size // cfg.mask.patch_size
-    mk = cfg.mask
-    return MultiBlockMaskSampler(grid, num_targets=mk.num_pred_masks, target_scale=tuple(mk.pred_mask_scale),
-                                 target_aspect=tuple(mk.aspect_ratio), context_mode=mk.context_mode,
-                                 context_scale=tuple(mk.enc_mask_scale), min_keep=mk.min_keep,
-                                 allow_overlap=mk.allow_overlap, seed=seed)
-
-
-class RankMasks:
-    """Picklable mask function for the DataLoader workers: masks of the global batch, this rank's slice
-    (so N processes see exactly the masks one process with the global batch would)."""
-
-    def __init__(self, sampler: MultiBlockMaskSampler, global_batch: int, rank: int, batch: int, ragged: bool):
-        self.sampler, self.global_batch, self.rank, self.batch, self.ragged = sampler, global_batch, rank, batch, ragged
-
-    def __call__(self, step: int):
-        masks = self.sampler.sample(self.global_batch, step)
-        if not self.ragged:  # I-JEPA parity: truncate every mask to the batch minimum
-            masks = masks.truncated()  # keeps the fallback count
-        return masks.slice(self.rank * self.batch, (self.rank + 1) * self.batch)
-
-
-def augment_config(cfg: Config) -> aug.AugmentConfig:
-    a = cfg.augment
-    return aug.AugmentConfig(out_size=cfg.data.crop_size, jitter_p=a.jitter_p, brightness=a.brightness,
-                             contrast=a.contrast, saturation=a.saturation, hue=a.hue, grayscale_p=a.grayscale_p,
-                             blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma), solarize_p=a.solarize_p,
-                             solarize_threshold=a.solarize_threshold)
-
-
-def build_dataset(cfg: Config, seed: int):
-    d = cfg.data
-    if d.dataset == "builtin":
-        return BuiltinPhotos(d.crop_size, d.builtin_samples, split="train", seed=seed, scale=tuple(d.crop_scale),
-                             ratio=tuple(cfg.augment.crop_ratio), flip_p=cfg.augment.flip_p)
-    root = Path(d.root_path) / d.image_folder if d.root_path else Path(d.image_folder)
-    return ImageFolderDataset(root, d.crop_size, seed=seed, scale=tuple(d.crop_scale),
-                              ratio=tuple(cfg.augment.crop_ratio), flip_p=cfg.augment.flip_p, decode=d.decode)
-
-
-def param_groups(model: IWM) -> list[dict]:
-    """I-JEPA's groups: weight decay on matrices, none on biases and norm/1-D parameters."""
-    decay, no_decay = [], []
-    for module in (model.encoder, model.predictor):
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if name.endswith("bias") or p.dim() == 1 else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_decay": True}]
-
-
-def build_optimizer(model: IWM, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW on `param_groups`, with PyTorch's fused implementation where the parameters' device has
-    one (CPU and CUDA): one kernel over all parameters instead of a dozen ops per tensor (the step
-    breakdown of the CPU benchmark report shows the optimiser phase of each). The update is the same."""
-    device = next(model.encoder.parameters()).device
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.AdamW(param_groups(model), lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -149,12 +60,11 @@ class Trainer:
         self.folder = Path(cfg.logging.folder)
         seed = cfg.meta.seed
         torch.manual_seed(seed)
-        if cfg.meta.kernel_backend:
-            os.environ["IWM_KERNELS_BACKEND"] = cfg.meta.kernel_backend
+        # meta.kernel_backend applies inside train() (iwm_kernels.use_backend), not process-wide.
+        self.kernel_backend = cfg.meta.kernel_backend or None
 
         self.preset = model_preset(cfg)
-        self.model = IWM.from_preset(self.preset, loss=cfg.meta.loss).to(self.device)
-        self.model.check_inputs = self.device.type != "cuda"  # a finite check costs a sync per step on GPU
+        self.model = build_model(cfg, self.preset, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimization.lr, cfg.optimization.weight_decay)
         self.dataset = build_dataset(cfg, seed)
         self.global_batch = cfg.data.batch_size * self.dist.world_size
@@ -174,6 +84,7 @@ class Trainer:
         self.masks = build_mask_sampler(cfg, seed)
         self.aug_cfg = augment_config(cfg)
         self.step = 0
+        self._pending: list = []  # (host part, device row) of each step since the last read
         self._fault_nan_step = int(os.environ.get("IWM_FAULT_NAN_STEP", "-1"))
         self._fault_nan_rank = int(os.environ.get("IWM_FAULT_NAN_RANK", "-1"))  # -1: every rank
         self._fault_stop_step = int(os.environ.get("IWM_FAULT_SIGSTOP_STEP", "-1"))
@@ -182,14 +93,12 @@ class Trainer:
         self.best_loss = math.inf
         self.resumed_from: Optional[Path] = None
         self._maybe_resume()
-        self.ddp = None
-        if self.dist.enabled:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                _StepModule(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.compiled_step = None
-        if cfg.meta.compile:
-            self.compiled_step = torch.compile(self.ddp if self.ddp is not None else _StepModule(self.model))
-        self.step_module = self.compiled_step or self.ddp or _StepModule(self.model)
+        self.step_fn = TrainStep(self.model, self.optimizer, device=self.device, aug_cfg=self.aug_cfg, seed=seed,
+                                 global_batch=self.global_batch, rank=self.dist.rank, batch_size=cfg.data.batch_size,
+                                 grad_clip=cfg.optimization.grad_clip, use_bfloat16=cfg.meta.use_bfloat16,
+                                 augment_backend=cfg.augment.backend or None, distributed=self.dist.enabled,
+                                 compile=cfg.meta.compile)
+        self.profile_window = profile_window(cfg.logging.profile_steps)
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
@@ -252,7 +161,9 @@ class Trainer:
                 f"an earlier step-*.pt (meta.read_checkpoint=...)")
 
     def _non_finite_loss_message(self, loss_value: float, step: int) -> str:
-        return f"non-finite loss ({loss_value}) at step {step}: stopping; {self._checkpoint_note()}"
+        what = f"non-finite loss ({loss_value})" if not math.isfinite(loss_value) else "non-finite gradients"
+        return (f"{what} at step {step}: stopping (the first such step; its update was skipped on the device, "
+                f"and nothing after it is saved); {self._checkpoint_note()}")
 
     def _maybe_resume(self) -> None:
         if not self.cfg.meta.load_checkpoint and not self.cfg.meta.read_checkpoint:
@@ -263,10 +174,7 @@ class Trainer:
         state = load_checkpoint(path, map_location=self.device)
         self._refuse_config_changes(path, state)
         try:
-            self.model.encoder.load_state_dict(state["encoder"])
-            self.model.target_encoder.load_state_dict(state["target_encoder"])
-            self.model.predictor.load_state_dict(state["predictor"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_training_state(state, self.model, self.optimizer)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(f"checkpoint: {path} does not fit this configuration ({exc}); "
                                   f"refusing to restart from scratch") from exc
@@ -296,32 +204,17 @@ class Trainer:
         self.log(f"warning: resuming {path} with changed settings (meta.resume_with_changes=true): {listed}")
 
     # ------------------------------------------------------------------ data
-    def loader(self) -> DataLoader:
-        d = self.cfg.data
-        sampler = StepBatchSampler(len(self.dataset), d.batch_size, world_size=self.dist.world_size,
-                                   rank=self.dist.rank, seed=self.cfg.meta.seed, start_step=self.step,
-                                   max_steps=self.total_steps)
-        mask_fn = RankMasks(self.masks, self.global_batch, self.dist.rank, d.batch_size, self.cfg.mask.ragged)
-        return DataLoader(KeyedDataset(self.dataset), batch_sampler=sampler, collate_fn=StepCollator(mask_fn),
-                          num_workers=d.num_workers, pin_memory=d.pin_mem and self.device.type == "cuda",
-                          persistent_workers=False, prefetch_factor=4 if d.num_workers > 0 else None,
-                          worker_init_fn=ignore_stop_signals_in_worker if d.num_workers > 0 else None)
-
-    def views(self, images: torch.Tensor, step: int):
-        """Both views and the action for this rank's samples, from the global batch's parameters."""
-        gen = aug.generator_for_step(self.cfg.meta.seed, step)
-        params = aug.sample_view_params(self.global_batch, self.aug_cfg, gen)
-        lo = self.dist.rank * self.cfg.data.batch_size
-        params = params.slice(lo, lo + images.shape[0])
-        source, target = aug.render_views(images, params, self.aug_cfg, backend=self.cfg.augment.backend or None)
-        return source, target, aug.action_from_params(params).to(images.device, non_blocking=True)
+    def loader(self):
+        return build_loader(self.cfg, self.dataset, self.masks, rank=self.dist.rank, world_size=self.dist.world_size,
+                            start_step=self.step, max_steps=self.total_steps, device=self.device)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         stop = StopFlag()  # installed until the end, so a signal during the final evaluation is handled too
         stop.install()
         try:
-            return self._train(stop)
+            with iwm_kernels.use_backend(self.kernel_backend):
+                return self._train(stop)
         finally:
             stop.restore()
 
@@ -333,7 +226,6 @@ class Trainer:
         writer = MetricsWriter(self.folder, tag=cfg.logging.write_tag, enabled=self.dist.is_main,
                                tensorboard=cfg.logging.tensorboard, resume_step=self.step)
         progress = Progress(self.total_steps, cfg.logging.progress_bar if self.dist.is_main else "off")
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.meta.use_bfloat16)
         n_params = sum(p.numel() for p in model.encoder.parameters()) + sum(
             p.numel() for p in model.predictor.parameters())
         self.log(f"iwm: {self.preset.encoder} {self.preset.img_size}px/{self.preset.patch_size}, predictor "
@@ -342,11 +234,13 @@ class Trainer:
                  f"{self.dist.world_size} process(es) on {device}; global batch {self.global_batch}; "
                  f"{self.steps_per_epoch} steps/epoch; steps {self.step}->{self.total_steps}")
         start_step, t_start = self.step, time.time()
-        window = {"images": 0, "steps": 0, "time": 0.0, "wait": 0.0}
-        last_loss = float("nan")
+        window = Window()
+        self._last_loss = float("nan")
         stopped_by = None
         t_prev = time.time()
         batches = None
+        profiler = StepProfiler(self.profile_window, self.folder / "trace.json", model, device,
+                                enabled=self.dist.is_main, submodules=not cfg.meta.compile, log=self.log)
         try:
             if self._eval_pending(writer):  # killed during the evaluation that followed the checkpoint
                 self.evaluate(writer, final=False, stop=stop)
@@ -364,82 +258,60 @@ class Trainer:
                 lr, wd, momentum = (self.schedules.lr_at(step), self.schedules.wd_at(step),
                                     self.schedules.momentum_at(step))
                 apply_lr_wd(self.optimizer, lr, wd)
-                images = batch.images_on(device)  # data.decode=gpu: nvJPEG decodes the batch here
-                masks = batch.masks.to(device)
-                source, target, action = self.views(images, step)
-                with autocast:
-                    loss, stats = self.step_module(source, target, masks,
-                                                   action if model.conditioning != "none" else None)
-                if step == self._fault_nan_step and self._fault_nan_rank in (-1, self.dist.rank):
+                with profiler.around(step):
+                    images = batch.images_on(device)  # data.decode=gpu: nvJPEG decodes the batch here
                     # fault injection for tests: IWM_FAULT_NAN_STEP=<step> [IWM_FAULT_NAN_RANK=<rank>]
-                    loss = loss * float("nan")
+                    poison = step == self._fault_nan_step and self._fault_nan_rank in (-1, self.dist.rank)
+                    result = self.step_fn(images, batch.masks, step, momentum, poison_loss=poison)
                 if step == self._fault_stop_step and self.dist.rank == self._fault_stop_rank:
                     # fault injection for tests: a hung peer, IWM_FAULT_SIGSTOP_STEP=<step> [..._RANK=<rank>]
                     os.kill(os.getpid(), signal.SIGSTOP)
-                # One read of the step's scalars, averaged over ranks: every rank then sees the same loss
-                # (NaN if any rank's is) and the same stop request, and all stop at the same step.
-                scalars = {"loss": float(loss.detach()), "target_std": float(stats["target_std"]),
-                           "pred_std": float(stats["pred_std"]), "stop": float(stop.signal is not None)}
-                scalars = all_reduce_mean(scalars, self.dist, device)
-                loss_value = scalars["loss"]
-                if not math.isfinite(loss_value):
-                    raise TrainingStopped(self._non_finite_loss_message(loss_value, step))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optimization.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for g in self.optimizer.param_groups for p in g["params"]], cfg.optimization.grad_clip)
-                self.optimizer.step()
-                model.update_target(momentum)
                 self.step = step + 1
                 self.skipped_images += batch.skipped
                 now = time.time()
                 wait, step_time = t_data - t_prev, now - t_prev
                 t_prev = now
-                window["images"] += images.shape[0] * self.dist.world_size
-                window["steps"] += 1
-                window["time"] += step_time
-                window["wait"] += wait
-                last_loss = loss_value
-                row = {"step": step, "epoch": step // self.steps_per_epoch, "loss": loss_value, "lr": lr, "wd": wd,
-                       "momentum": momentum, "target_std": scalars["target_std"],
-                       "pred_std": scalars["pred_std"], "context_tokens": stats["context_tokens"],
-                       "target_tokens": stats["target_tokens"], "skipped_images": self.skipped_images,
-                       "mask_fallbacks": batch.masks.fallbacks,
-                       "data_wait_s": wait, "step_time_s": step_time,
-                       "img_per_s": images.shape[0] * self.dist.world_size / max(step_time, 1e-9)}
-                if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps or self.step == start_step + 1:
-                    img_s = window["images"] / max(window["time"], 1e-9)
-                    eta = (self.total_steps - self.step) * window["time"] / max(1, window["steps"])
-                    pct = 100.0 * self.step / max(1, self.total_steps)
-                    mem = peak_memory_mb(device)
-                    row["peak_mem_mb"] = mem
-                    self.log(f"Train: step {self.step}/{self.total_steps} ({pct:.0f}%) epoch {row['epoch']} "
-                             f"loss {row['loss']:.4f} lr {lr:.2e} wd {wd:.3f} momentum {momentum:.5f} "
-                             f"{img_s:.1f} img/s data-wait {window['wait']:.2f}s ETA {format_duration(eta)}"
-                             + (f" peak-mem {mem:.0f}MB" if mem else ""), flush=True)
-                    window = {"images": 0, "steps": 0, "time": 0.0, "wait": 0.0}
-                writer.log_step(row)
-                progress.update(self.step, f"loss {loss_value:.4f}")
+                n_images = images.shape[0] * self.dist.world_size
+                window.add(n_images, step_time, wait, timed=step != start_step)
+                # The host part of the step's log row now; the device part (ROW_COLUMNS) at the next read.
+                self._pending.append((
+                    {"step": step, "epoch": step // self.steps_per_epoch, "lr": lr, "wd": wd, "momentum": momentum,
+                     "context_tokens": result.stats["context_tokens"], "target_tokens": result.stats["target_tokens"],
+                     "skipped_images": self.skipped_images, "mask_fallbacks": batch.masks.fallbacks,
+                     "data_wait_s": wait, "step_time_s": step_time, "img_per_s": n_images / max(step_time, 1e-9)},
+                    result.row))
+                log_now = (self.step % cfg.logging.log_every == 0 or self.step == self.total_steps
+                           or self.step == start_step + 1)
                 at_epoch_end = self.step % self.steps_per_epoch == 0
                 periodic = (cfg.logging.checkpoint_every > 0 and self.step % cfg.logging.checkpoint_every == 0)
+                eval_now = cfg.eval.every > 0 and self.step % cfg.eval.every == 0 and self.step < self.total_steps
+                # Reads happen at the same steps on every rank (a stop request on one rank is agreed on at
+                # the next of them); a single process also reads as soon as it is asked to stop.
+                asked = stop.signal is not None
+                if log_now or at_epoch_end or periodic or eval_now or (asked and not self.dist.enabled):
+                    stop_any = self._read_window(writer, progress, asked, log_line=log_now, window=window)
+                else:
+                    continue
                 if periodic or at_epoch_end:
                     writer.sync()  # the rows up to this step reach the disk before the checkpoint does
                     self.save(periodic=True)
                     self._saved_step = self.step
-                if cfg.eval.every > 0 and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+                if eval_now:
                     self.evaluate(writer, final=False, stop=stop)
-                if scalars["stop"] > 0:  # this rank or another was asked to stop
+                if stop_any:  # this rank or another was asked to stop
                     stopped_by = stop.name or "a signal on another rank"
                     break
+            if self._pending:  # the loader ended between reads (it stops at total_steps, a read step)
+                self._read_window(writer, progress, stop.signal is not None, log_line=False, window=window)
         finally:
             del batches  # shuts the workers down now, not whenever the iterator is collected
+            profiler.close()
             progress.close()
         if self._last_saved_step() != self.step:
             writer.sync()
             self.save(periodic=stopped_by is None)
         writer.flush()
-        summary = {"steps": self.step - start_step, "final_step": self.step, "final_loss": last_loss,
+        summary = {"steps": self.step - start_step, "final_step": self.step, "final_loss": self._last_loss,
                    "wall_s": time.time() - t_start, "skipped_images": self.skipped_images}
         if stopped_by:
             self.log(f"received {stopped_by}: saved {self.folder / 'latest.pt'} at step {self.step}; "
@@ -460,6 +332,48 @@ class Trainer:
             plots = plot_run(self.folder)
             self.log(f"run folder {self.folder}: checkpoints, metrics.jsonl, {len(plots)} plot(s)")
         return summary
+
+    def _read_window(self, writer: MetricsWriter, progress: Progress, asked_to_stop: bool, *, log_line: bool,
+                     window: "Window") -> bool:
+        """The one host read of the steps since the last read: their device rows, averaged over ranks
+        with the stop requests in the same collective (every rank then sees the same losses, NaN if any
+        rank's is, and the same stop decision). Writes their log rows; raises TrainingStopped naming the
+        first step whose loss or gradients were not finite (its update was skipped on the device, and
+        nothing after it is saved). Returns whether any rank was asked to stop."""
+        pending, self._pending = self._pending, []
+        values = torch.cat([torch.stack([row for _, row in pending]).flatten().double(),
+                            torch.tensor([float(asked_to_stop)], dtype=torch.float64, device=self.device)])
+        values = _all_reduce_mean(values, self.dist).tolist()
+        width = len(ROW_COLUMNS)
+        for i, (host, _) in enumerate(pending):
+            device_part = dict(zip(ROW_COLUMNS, values[i * width:(i + 1) * width]))
+            if device_part["non_finite"] > 0 or not math.isfinite(device_part["loss"]):
+                writer.flush()
+                raise TrainingStopped(self._non_finite_loss_message(device_part["loss"], host["step"]))
+            row = {"step": host["step"], "epoch": host["epoch"], "loss": device_part["loss"], "lr": host["lr"],
+                   "wd": host["wd"], "momentum": host["momentum"], "target_std": device_part["target_std"],
+                   "pred_std": device_part["pred_std"], **{k: host[k] for k in (
+                       "context_tokens", "target_tokens", "skipped_images", "mask_fallbacks", "data_wait_s",
+                       "step_time_s", "img_per_s")}}
+            last = i == len(pending) - 1
+            if last and log_line:
+                row["peak_mem_mb"] = self._log_progress_line(row, window)
+            writer.log_step(row)
+            self._last_loss = row["loss"]
+        progress.update(self.step, f"loss {self._last_loss:.4f}")
+        return values[-1] > 0
+
+    def _log_progress_line(self, row: dict, window: "Window") -> Optional[float]:
+        mem = peak_memory_mb(self.device)
+        pct = 100.0 * self.step / max(1, self.total_steps)
+        eta = window.eta_s(self.total_steps - self.step)
+        self.log(f"Train: step {self.step}/{self.total_steps} ({pct:.0f}%) epoch {row['epoch']} "
+                 f"loss {row['loss']:.4f} lr {row['lr']:.2e} wd {row['wd']:.3f} momentum {row['momentum']:.5f} "
+                 f"{window.images_per_s():.1f} img/s data-wait {window.wait:.2f}s "
+                 f"ETA {format_duration(eta) if eta is not None else '-'}"
+                 + (f" peak-mem {mem:.0f}MB" if mem else ""), flush=True)
+        window.reset()
+        return mem
 
     def _last_saved_step(self) -> int:
         """The step of the checkpoint this run last wrote or resumed from; -1 when there is none."""
@@ -490,15 +404,100 @@ class Trainer:
         return results
 
 
-class _StepModule(torch.nn.Module):
-    """The differentiable part of a step, as one module (what DDP wraps and torch.compile compiles)."""
+def _all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean over ranks of a float64 vector, in one collective (the window's rows and stop flags)."""
+    if not info.enabled:
+        return values
+    try:
+        torch_dist.all_reduce(values)
+    except RuntimeError as exc:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
+        raise DistributedError(
+            f"distributed: rank {info.rank} of {info.world_size}: the step's all-reduce failed ({exc}); another "
+            f"rank died, hung or was stopped (collectives wait at most meta.dist_timeout_s={info.timeout_s:g}s)"
+        ) from exc
+    return values / info.world_size
 
-    def __init__(self, model: IWM):
-        super().__init__()
-        self.model = model
 
-    def forward(self, source, target, masks, action):
-        return self.model(source, target, masks, action)
+class Window:
+    """Throughput of the steps since the last progress line, and the ETA from it.
+
+    The run's first step is left out of the rate (timed=False): it carries torch.compile, the first
+    kernel launches and the loader's start, and extrapolating from it made the first ETA wrong by an
+    order of magnitude. Until a timed step is in the window the ETA is unknown (None)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.images, self.time, self.wait = 0, 0.0, 0.0
+        self.timed_steps, self.timed_time = 0, 0.0
+
+    def add(self, images: int, step_time: float, wait: float, *, timed: bool = True) -> None:
+        self.images += images
+        self.time += step_time
+        self.wait += wait
+        if timed:
+            self.timed_steps += 1
+            self.timed_time += step_time
+
+    def images_per_s(self) -> float:
+        return self.images / max(self.time, 1e-9)
+
+    def eta_s(self, remaining_steps: int) -> Optional[float]:
+        if remaining_steps <= 0:
+            return 0.0
+        if self.timed_steps == 0:
+            return None
+        return remaining_steps * self.timed_time / self.timed_steps
+
+
+class StepProfiler:
+    """logging.profile_steps=A:B: steps A <= step < B run under torch.profiler (CPU, and CUDA on a GPU),
+    with the step's phases as named ranges (iwm/views, iwm/forward, ...), and the trace is written as
+    `trace.json` (Chrome trace format: open it in https://ui.perfetto.dev or chrome://tracing)."""
+
+    def __init__(self, window: Optional[tuple[int, int]], path: Path, model, device: torch.device, *,
+                 enabled: bool, submodules: bool, log=print):
+        self.window = window if enabled else None
+        self.path, self.model, self.device, self.submodules, self.log = path, model, device, submodules, log
+        self.profile = None
+        self.hooks = None
+
+    def around(self, step: int):
+        import contextlib
+
+        if self.window is None:
+            return contextlib.nullcontext()
+        lo, hi = self.window
+        if lo <= step < hi and self.profile is None:
+            self._start()
+        ctx = profiled_submodules(self.model, self.device.type == "cuda") if (
+            self.profile is not None and self.submodules) else contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def scope():
+            with ctx:
+                yield
+            if self.profile is not None and step >= hi - 1:
+                self.close()
+        return scope()
+
+    def _start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self.profile = profile(activities=activities)
+        self.profile.__enter__()
+
+    def close(self) -> None:
+        if self.profile is None:
+            return
+        profile, self.profile = self.profile, None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the trace covers the kernels of the profiled steps
+        profile.__exit__(None, None, None)
+        profile.export_chrome_trace(str(self.path))
+        self.log(f"profiler: wrote {self.path} (open it in https://ui.perfetto.dev or chrome://tracing)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -9,7 +9,7 @@ Ops (each with reference, triton and native backends; see `available_backends()`
   photometric           colour jitter, grayscale, blur, solarise and normalisation of an image batch, fused
   photometric_two_view  the same for two views at once, from one read of the images
 """
-from ._backend import BACKENDS, Availability, available_backends
+from ._backend import BACKENDS, Availability, available_backends, use_backend
 from .attention import (PackedPredictorInput, VarlenSelfAttention, pack_predictor_sequences, unpack_targets,
                         varlen_attention)
 from .ema import ema_update_
@@ -18,6 +18,6 @@ from .photometric import photometric, photometric_two_view
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "Availability", "available_backends", "ema_update_", "gather_tokens", "apply_masks",
+__all__ = ["BACKENDS", "Availability", "available_backends", "use_backend", "ema_update_", "gather_tokens", "apply_masks",
            "varlen_attention", "VarlenSelfAttention", "pack_predictor_sequences", "unpack_targets",
            "PackedPredictorInput", "photometric", "photometric_two_view", "__version__"]

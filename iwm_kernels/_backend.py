@@ -5,37 +5,25 @@ Three backends implement every op:
   triton     Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
   native     C++ (CPU, OpenMP via at::parallel_for) and CUDA, built just in time from csrc/.
 
-Choice, in order: the per-call `backend=` argument, then the IWM_KERNELS_BACKEND environment variable,
-then the automatic default (triton on CUDA tensors, native on CPU tensors, reference otherwise).
+Choice, in order: the per-call `backend=` argument, then the innermost `use_backend(name)` block, then
+the IWM_KERNELS_BACKEND environment variable, then the automatic default (triton on CUDA tensors, native on CPU tensors, reference otherwise).
 An automatic choice that cannot run here falls back to the reference and warns once; an explicit
 choice that cannot run raises.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
-import warnings
-from typing import NamedTuple, Optional
+from typing import Iterator, Optional
 
 import torch
 
+from ._availability import Availability, warn_once  # noqa: F401  (re-exported)
+
 BACKENDS = ("reference", "triton", "native")
 ENV_VAR = "IWM_KERNELS_BACKEND"
-
-
-class Availability(NamedTuple):
-    available: bool
-    detail: str
-
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    """One-line warning, at most once per process for each key."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def triton_interpreter_enabled() -> bool:
@@ -100,12 +88,47 @@ def _unknown(name: object, source: str) -> str:
     return f"{source}: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
 
 
+# The innermost use_backend() choice: a ContextVar, so each thread (and asyncio task) has its own and
+# a block never leaks into another thread's calls, unlike writing os.environ.
+_AUTO = "auto"
+_scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("iwm_kernels_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Within the block, calls without a `backend=` argument use `name` ("reference", "triton",
+    "native"; "auto" for the automatic choice, ignoring IWM_KERNELS_BACKEND; None changes nothing).
+
+    A torch.compile trace made inside the block bakes the block's choice into the compiled code (like
+    every backend decision made while tracing): enter the block before the first compiled call."""
+    if name is not None and name != _AUTO and name not in BACKENDS:
+        raise ValueError(_unknown(name, "use_backend: name"))
+    if name is None:
+        yield
+        return
+    token = _scoped_backend.set(name)
+    try:
+        yield
+    finally:
+        _scoped_backend.reset(token)
+
+
+@torch.compiler.assume_constant_result
+def _scoped_choice_while_tracing() -> str:
+    # Dynamo does not trace ContextVar reads: it runs this eagerly and keeps the answer as a constant.
+    return _scoped_backend.get() or ""
+
+
 def requested_backend(backend: Optional[str]) -> Optional[str]:
-    """The explicit choice (argument, else environment), validated; None means automatic."""
+    """The explicit choice (argument, else use_backend block, else environment), validated; None means
+    automatic."""
     if backend is not None:
         if backend not in BACKENDS:
             raise ValueError(_unknown(backend, "backend"))
         return backend
+    scoped = _scoped_choice_while_tracing() if torch.compiler.is_compiling() else _scoped_backend.get()
+    if scoped:
+        return None if scoped == _AUTO else scoped
     env = os.environ.get(ENV_VAR, "").strip().lower()
     if env in ("", "auto"):
         return None

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ._backend import Availability, warn_once
+from ._availability import Availability, warn_once
 
 _lock = threading.Lock()
 _status: Optional[Availability] = None

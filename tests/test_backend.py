@@ -129,3 +129,58 @@ def test_a_build_killed_mid_way_does_not_hang_later_processes(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.startswith("True"), res.stdout + res.stderr[-2000:]
     assert not (cache / src.name / "lock").exists()
+
+
+def test_use_backend_scopes_the_choice_and_wins_over_the_environment(monkeypatch):
+    """meta.kernel_backend used to be written into os.environ by the trainer (leaking into every later
+    call of the process and every thread); use_backend scopes it to a block and to this thread."""
+    import threading
+
+    from iwm_kernels._backend import requested_backend
+
+    monkeypatch.setenv("IWM_KERNELS_BACKEND", "native")
+    with iwm_kernels.use_backend("reference"):
+        assert requested_backend(None) == "reference"
+        assert requested_backend("native") == "native"  # the per-call argument still wins
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(requested_backend(None)))
+        worker.start()
+        worker.join()
+        assert seen == ["native"]  # another thread keeps its own choice
+        with iwm_kernels.use_backend("auto"):
+            assert requested_backend(None) is None  # automatic, the environment ignored
+        with iwm_kernels.use_backend(None):
+            assert requested_backend(None) == "reference"
+        t, o = [torch.ones(3)], [torch.zeros(3)]
+        iwm_kernels.ema_update_(t, o, 0.5)
+        assert t[0].tolist() == [0.5] * 3
+    assert requested_backend(None) == "native"
+    with pytest.raises(ValueError, match="use_backend"):
+        with iwm_kernels.use_backend("cuda"):
+            pass
+
+
+def test_use_backend_is_read_inside_a_compiled_function(seed):
+    from iwm_kernels._backend import resolve_backend
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def which(x):
+        return x + (1.0 if resolve_backend(None, x.device, "probe") == "reference" else 2.0)
+
+    with iwm_kernels.use_backend("reference"):
+        assert which(torch.zeros(2)).tolist() == [1.0, 1.0]
+
+
+def test_backend_modules_do_not_import_each_other_in_a_cycle():
+    """_native needed _backend's Availability and _backend imported _native: either imported first
+    worked only because the other was already half-initialised."""
+    for first in ("iwm_kernels._native", "iwm_kernels._backend"):
+        code = f"import importlib, sys; importlib.import_module({first!r}); import iwm_kernels; print(iwm_kernels.Availability)"
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+    import ast
+    import pathlib
+
+    src = pathlib.Path(iwm_kernels.__file__).parent / "_native.py"
+    imported = {n.module for n in ast.walk(ast.parse(src.read_text())) if isinstance(n, ast.ImportFrom)}
+    assert "_backend" not in imported

@@ -117,7 +117,7 @@ def run_evaluations(model, cfg: Config, device: torch.device, folder: str | Path
     `stop` is polled before each task: when it returns a reason (a signal's name), the remaining tasks
     are skipped and the results carry `interrupted_by`. A task is not cut short: it is minutes at most
     and its result is worth keeping, and one that dies half-way has nothing to keep."""
-    from ..train import augment_config, build_mask_sampler
+    from ..builders import augment_config, build_mask_sampler
     from ..models import IWM
     from .linear_probe import extract_features, fit_linear_probe
     from .mrr import evaluate_mrr, plot_rank_histogram
