@@ -104,11 +104,6 @@ class IJEPAForward(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.mark = None   # phase marks (eager only): a callable taking the phase name
-
-    def _mark(self, name: str) -> None:
-        if self.mark is not None:
-            self.mark(name)
 
     def forward(self, source, target, masks_enc, masks_pred, action=None):
         m = self.model
@@ -118,11 +113,8 @@ class IJEPAForward(nn.Module):
             batch = len(h)
             h = apply_masks(h, masks_pred)
             h = repeat_interleave_batch(h, batch, repeat=len(masks_enc))
-        self._mark("target encoder")
         z = encoder_forward(m.encoder, source, masks_enc)
-        self._mark("encoder")
         z = predictor_forward(m.predictor, z, masks_enc, masks_pred, action)
-        self._mark("predictor")
         return F.smooth_l1_loss(z.float(), h.float())
 
 

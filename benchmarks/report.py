@@ -33,7 +33,7 @@ from .common import Ceilings, Row, device_name, environment, measure_ceilings, s
 SUITES = ["ema", "gather", "attention", "augment", "step", "data"]
 # Share of a --time-budget each suite gets (of what is left when it starts, against the suites after it).
 WEIGHTS = {"ema": 1.0, "gather": 1.0, "attention": 1.5, "augment": 1.0, "step": 4.0, "data": 1.0}
-AUGMENT = "data/augment"  # the step breakdown's phase for the two views (shown as a share of the step)
+AUGMENT = "views"  # the step breakdown's phase for the two views (iwm.step's phase names) (shown as a share of the step)
 
 
 def _fmt(value, digits=3):

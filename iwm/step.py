@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -110,6 +110,7 @@ class TrainStep:
         if compile:
             self.forward_module = torch.compile(self.forward_module)
         self.compiled = compile
+        self.on_phase_end: Optional[Callable[[str], None]] = None
 
     # ------------------------------------------------------------------ the phases
     def views(self, images: torch.Tensor, step: int):
@@ -182,25 +183,31 @@ class TrainStep:
                  poison_loss: bool = False) -> StepResult:
         """images: this rank's uint8 batch on the device; masks: its MaskBatch (CPU or device).
         poison_loss: multiply the loss by NaN (fault injection for the tests)."""
-        nvtx = self.nvtx
-        with phase("views", nvtx):
+        with self._phase("views"):
             source, target, action = self.views(images, step)
-        with phase("masks", nvtx):
+        with self._phase("masks"):
             masks = masks.to(self.device, non_blocking=True) if self.device.type == "cuda" else masks.to(self.device)
-        with phase("forward", nvtx):
+        with self._phase("forward"):
             loss, stats = self.forward(source, target, masks, action)
         if poison_loss:
             loss = loss * float("nan")
-        with phase("backward", nvtx):
+        with self._phase("backward"):
             self.backward(loss)
-        with phase("clip", nvtx):
+        with self._phase("clip"):
             norm = self.clip()
             found_inf = (~(torch.isfinite(loss.detach()) & torch.isfinite(norm))).float()
-        with phase("adamw", nvtx):
+        with self._phase("adamw"):
             self.adamw(found_inf)
-        with phase("ema", nvtx):
+        with self._phase("ema"):
             self.ema(momentum, found_inf)
-        with phase("record", nvtx):
+        with self._phase("record"):
             row = torch.stack([loss.detach().float(), stats["target_std"].float(), stats["pred_std"].float(),
                                found_inf])
         return StepResult(loss, stats, row)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        with phase(name, self.nvtx):
+            yield
+        if self.on_phase_end is not None:  # the step benchmark's timer: the same phase names as the trace
+            self.on_phase_end(name)

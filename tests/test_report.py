@@ -29,9 +29,9 @@ def fake_rows():
         Row("attention", "pred384", "ours shared", 50.0, flops=1e12, baseline="SDPA", headline=True),
         # the step, with a breakdown
         Row("step", "tiny", "eager", 100.0, flops=5e11, baseline="eager", headline=True,
-            extra={"img/s": 320.0, "breakdown_ms": {"data/augment": 30.0, "forward": 30.0, "backward": 40.0}}),
+            extra={"img/s": 320.0, "breakdown_ms": {"views": 30.0, "forward": 30.0, "backward": 40.0}}),
         Row("step", "tiny", "ours (fused)", 80.0, flops=4e11, baseline="eager", headline=True,
-            extra={"img/s": 400.0, "breakdown_ms": {"data/augment": 5.0, "forward": 30.0, "backward": 45.0}}),
+            extra={"img/s": 400.0, "breakdown_ms": {"views": 5.0, "forward": 30.0, "backward": 45.0}}),
         Row("step", "tiny", "ours (fused)", None, note="MISMATCH: loss 1 vs 2"),
     ]
 
@@ -89,7 +89,7 @@ def test_write_json_and_plots(tmp_path):
 
 def test_breakdown_states_the_augmentation_share():
     md = "\n".join(report.breakdown_markdown(fake_rows()))
-    assert "data/augment: 30.0% of the step in eager, 6.2% of the step in ours (fused)" in md
+    assert "views: 30.0% of the step in eager, 6.2% of the step in ours (fused)" in md
 
 
 def test_time_fns_takes_turns_keeps_the_best_turn_and_reports_failures():

@@ -36,8 +36,12 @@ def test_eager_variants_time_every_phase(bench, variant):
     assert row.ms is not None and row.ms > 0, row.note
     assert row.flops > 0 and row.baseline == suite.BASELINE and row.headline
     split = row.extra["breakdown_ms"]
-    assert list(split) == ["data/augment", "masks", "target encoder", "encoder", "predictor", "loss", "backward",
-                           "optimizer", "EMA"]
+    # ours is iwm.step.TrainStep: its breakdown has exactly the phases of its profiler ranges (iwm/<phase>);
+    # the baseline marks the same boundaries around its own code (no gradient norm, no device row)
+    if variant.impl == "ours":
+        assert list(split) == list(suite.PHASES)
+    else:
+        assert list(split) == ["views", "masks", "forward", "backward", "adamw", "ema"]
     assert all(v >= 0 for v in split.values())
     # the phases tile the step: their mean total is close to the median step (2 steps)
     assert sum(split.values()) == pytest.approx(row.ms, rel=0.5)

@@ -1,9 +1,10 @@
 """Step suite: one whole IWM training step, end to end, under every implementation.
 
-A step, as `iwm.train` runs it: copy a batch of cropped uint8 images to the device and render both
-views and the action (data/augment), sample the multi-block masks and copy them (masks), the forward
-(target encoder on the whole target view, encoder on the source's context tokens, predictor, loss),
-backward, AdamW, and the EMA update of the target encoder. Images are synthetic (smoothed noise);
+A step, as `iwm.train` runs it (ours is `iwm.step.TrainStep` itself, phase names = its profiler
+ranges): copy a batch of cropped uint8 images to the device and render both views and the action
+(views), sample the multi-block masks and copy them (masks), the forward (target encoder on the whole
+target view, encoder on the source's context tokens, predictor, loss), backward, the gradient norm
+(clip), AdamW, and the EMA update of the target encoder (ema). Images are synthetic (smoothed noise);
 decoding and cropping happen in DataLoader workers in training and are not part of the step.
 
 Cases: the `tiny` preset (IWM's complement masks) and I-JEPA's own configuration `ijepa_vitt16`
@@ -70,7 +71,9 @@ from iwm import augment as aug
 from iwm.masks import MultiBlockMaskSampler
 from iwm.models import IWM
 from iwm.models.presets import PRESETS, ModelPreset
-from iwm.train import build_optimizer, param_groups
+from iwm.builders import build_optimizer, param_groups
+from iwm.step import TrainStep
+from iwm_kernels import use_backend
 
 from .. import ijepa_baseline
 from ..common import Row, TimeLimitExceeded, quiet_compile, time_left, time_limit
@@ -80,8 +83,9 @@ from ..ijepa_baseline import IJEPAForward
 SUITE = "step"
 BASELINE = "I-JEPA (faithful, eager)"
 EQUAL_WORK = "ours, equal work"
-PHASES = ("data/augment", "masks", "target encoder", "encoder", "predictor", "loss", "forward (compiled)",
-          "backward", "optimizer", "EMA")
+# The breakdown's phases: iwm.step's profiler ranges (iwm/<phase>), in step order; the baseline marks
+# the same boundaries around its own code (it has no clip and no device row).
+PHASES = ("views", "masks", "forward", "backward", "clip", "adamw", "ema", "record")
 MOMENTUM = 0.996
 LOSS = ijepa_baseline.LOSS
 HELD_EQUAL = ("weights, images, augmentation, I-JEPA's truncated masks (same context/target tokens), "
@@ -183,18 +187,6 @@ def configs(device: torch.device, quick: bool) -> list[StepCase]:
             replace(template, preset=p, bf16=p not in FP32_CASES and device.type == "cuda")
             for p in wanted if p not in {c.preset for c in cases}]
     return cases
-
-
-# ---- our forward, as one module to compile --------------------------------------------------------------
-class PackedForward(nn.Module):
-    """`IWM.forward` with every op on one backend (None: automatic), as one module to compile."""
-
-    def __init__(self, model: IWM, backend: Optional[str]):
-        super().__init__()
-        self.model, self.backend = model, backend
-
-    def forward(self, source, target, masks, action):
-        return self.model(source, target, masks, action, backend=self.backend)
 
 
 # ---- timing helpers -------------------------------------------------------------------------------------
@@ -336,67 +328,69 @@ class StepBench:
 
     def make_step(self, variant: Variant, optimizer: torch.optim.Optimizer, marks: Marks
                   ) -> tuple[Callable[[int], None], Callable[[], None]]:
-        """(step(i), cleanup()) for `variant`; step(i) runs training step i, marking its phases."""
+        """(step(i), cleanup()) for `variant`; step(i) runs training step i, marking its phases.
+
+        Ours is `iwm.step.TrainStep`, the step `iwm.train` runs, with the phase names of its profiler
+        ranges; the baseline marks the same phases around its own code."""
         model, device, case = self.model, self.device, self.case
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.bf16)
-        backend = variant.backend
-        hooks = []
         layout_before = model.predictor.shared_context
         model.predictor.shared_context = variant.layout == "shared"
         if variant.impl == "ijepa":
-            fwd = IJEPAForward(model)
-            if variant.compiled:
-                fwd = torch.compile(fwd, dynamic=True)
-            else:
-                fwd.mark = marks
+            step = self._ijepa_step(variant, optimizer, marks)
         else:
-            fwd = PackedForward(model, backend)
+            step = self._our_step(variant, optimizer, marks)
+
+        def cleanup() -> None:
+            model.predictor.shared_context = layout_before
             if variant.compiled:
-                fwd = torch.compile(fwd, dynamic=True)
-            else:
-                hooks = [model.encoder.register_forward_pre_hook(lambda *_: marks("target encoder")),
-                         model.encoder.register_forward_hook(lambda *_: marks("encoder")),
-                         model.predictor.register_forward_hook(lambda *_: marks("predictor"))]
+                torch._dynamo.reset()
+        return step, cleanup
+
+    def _our_step(self, variant: Variant, optimizer: torch.optim.Optimizer, marks: Marks) -> Callable[[int], None]:
+        case = self.case
+        train_step = TrainStep(self.model, optimizer, device=self.device, aug_cfg=self.aug_cfg, seed=0,
+                               global_batch=case.batch, batch_size=case.batch, use_bfloat16=case.bf16,
+                               augment_backend=variant.backend, compile=variant.compiled)
+        train_step.on_phase_end = marks
+
+        def step(i: int) -> None:
+            with use_backend(variant.backend):
+                marks("start")
+                images = self.host_images.to(self.device, non_blocking=True)
+                masks = self.masks_for(variant, i)
+                train_step(images, masks, i, MOMENTUM)
+        return step
+
+    def _ijepa_step(self, variant: Variant, optimizer: torch.optim.Optimizer, marks: Marks) -> Callable[[int], None]:
+        model, device, case = self.model, self.device, self.case
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.bf16)
+        fwd = IJEPAForward(model)
+        if variant.compiled:
+            fwd = torch.compile(fwd, dynamic=True)
         needs_action = model.conditioning != "none"
 
         def step(i: int) -> None:
             marks("start")
             images = self.host_images.to(device, non_blocking=True)
             params = aug.sample_view_params(case.batch, self.aug_cfg, aug.generator_for_step(0, i))
-            source, target = aug.render_views(images, params, self.aug_cfg, backend=backend)
+            source, target = aug.render_views(images, params, self.aug_cfg, backend="reference")
             action = aug.action_from_params(params).to(device, non_blocking=True) if needs_action else None
-            marks("data/augment")
-            masks = self.masks_for(variant, i)  # I-JEPA's collator truncates on the CPU, then the copy
-            if variant.impl == "ijepa":
-                enc = [m.to(device, non_blocking=True) for m in masks[0]]
-                pred = [m.to(device, non_blocking=True) for m in masks[1]]
-            else:
-                masks = masks.to(device, non_blocking=True)
+            marks("views")
+            enc, pred = self.masks_for(variant, i)  # I-JEPA's collator truncates on the CPU, then the copy
+            enc = [m.to(device, non_blocking=True) for m in enc]
+            pred = [m.to(device, non_blocking=True) for m in pred]
             marks("masks")
             with autocast:
-                if variant.impl == "ijepa":
-                    loss = fwd(source, target, enc, pred, action)
-                else:
-                    loss, _ = fwd(source, target, masks, action)
-            marks("forward (compiled)" if variant.compiled else "loss")
+                loss = fwd(source, target, enc, pred, action)
+            marks("forward")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             marks("backward")
             optimizer.step()
-            marks("optimizer")
-            if variant.impl == "ijepa":
-                ijepa_baseline.ema_(model.target_encoder, model.encoder, MOMENTUM)
-            else:
-                model.update_target(MOMENTUM, backend=backend)
-            marks("EMA")
-
-        def cleanup() -> None:
-            for h in hooks:
-                h.remove()
-            model.predictor.shared_context = layout_before
-            if variant.compiled:
-                torch._dynamo.reset()
-        return step, cleanup
+            marks("adamw")
+            ijepa_baseline.ema_(model.target_encoder, model.encoder, MOMENTUM)
+            marks("ema")
+        return step
 
     def config(self, variant: Variant) -> dict:
         case = self.case
