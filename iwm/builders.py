@@ -62,10 +62,14 @@ def build_model(cfg: Config, preset: ModelPreset, device: torch.device) -> IWM:
 def build_mask_sampler(cfg: Config, seed: int) -> MultiBlockMaskSampler:
     grid = cfg.data.crop_size // cfg.mask.patch_size
     mk = cfg.mask
-    return MultiBlockMaskSampler(grid, num_targets=mk.num_pred_masks, target_scale=tuple(mk.pred_mask_scale),
-                                 target_aspect=tuple(mk.aspect_ratio), context_mode=mk.context_mode,
-                                 context_scale=tuple(mk.enc_mask_scale), min_keep=mk.min_keep,
-                                 allow_overlap=mk.allow_overlap, seed=seed)
+    try:
+        return MultiBlockMaskSampler(grid, num_targets=mk.num_pred_masks, target_scale=tuple(mk.pred_mask_scale),
+                                     target_aspect=tuple(mk.aspect_ratio), context_mode=mk.context_mode,
+                                     context_scale=tuple(mk.enc_mask_scale), min_keep=mk.min_keep,
+                                     allow_overlap=mk.allow_overlap, seed=seed)
+    except ValueError as exc:  # settings the sampler can never satisfy: a config problem, said as one
+        raise ConfigError(f"mask: {exc} (data.crop_size {cfg.data.crop_size} / mask.patch_size "
+                          f"{cfg.mask.patch_size} = a {grid}x{grid} grid)") from exc
 
 
 class RankMasks:

@@ -90,7 +90,9 @@ class Trainer:
         self._fault_stop_step = int(os.environ.get("IWM_FAULT_SIGSTOP_STEP", "-1"))
         self._fault_stop_rank = int(os.environ.get("IWM_FAULT_SIGSTOP_RANK", "1"))
         self.skipped_images = 0
-        self.best_loss = math.inf
+        # Each unreadable file counts once per run, however many epochs visit it: the dataset indices
+        # seen so far (saved in the checkpoint, so a resume keeps counting the same files once).
+        self.unreadable_files: set[int] = set()
         self.resumed_from: Optional[Path] = None
         self._maybe_resume()
         self.step_fn = TrainStep(self.model, self.optimizer, device=self.device, aug_cfg=self.aug_cfg, seed=seed,
@@ -115,6 +117,7 @@ class Trainer:
             "sampler": {"seed": self.cfg.meta.seed, "next_step": self.step, "global_batch": self.global_batch},
             "mask_sampler": {"seed": self.cfg.meta.seed, "grid": self.masks.grid},
             "skipped_images": self.skipped_images,
+            "unreadable_files": sorted(self.unreadable_files),
             "preset": self.preset.__dict__,
             "config": self.cfg.to_dict(),
             "world_size": self.dist.world_size,
@@ -184,6 +187,7 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.skipped_images = int(state.get("skipped_images", 0))
+        self.unreadable_files = {int(i) for i in state.get("unreadable_files", ())}
         self.resumed_from = path
         self._last_checkpoint = (path, self.step)
         self.log(f"resumed from {path} at step {self.step}")
@@ -267,7 +271,7 @@ class Trainer:
                     # fault injection for tests: a hung peer, IWM_FAULT_SIGSTOP_STEP=<step> [..._RANK=<rank>]
                     os.kill(os.getpid(), signal.SIGSTOP)
                 self.step = step + 1
-                self.skipped_images += batch.skipped
+                self.skipped_images += self._newly_skipped(batch)
                 now = time.time()
                 wait, step_time = t_data - t_prev, now - t_prev
                 t_prev = now
@@ -374,6 +378,13 @@ class Trainer:
                  + (f" peak-mem {mem:.0f}MB" if mem else ""), flush=True)
         window.reset()
         return mem
+
+    def _newly_skipped(self, batch) -> int:
+        """Unreadable images of this batch not counted before: files by their dataset index (once per
+        run), plus images that failed without an index (a GPU decode failure) each time."""
+        new = set(batch.unreadable_files) - self.unreadable_files
+        self.unreadable_files |= new
+        return len(new) + batch.skipped - len(batch.unreadable_files)
 
     def _last_saved_step(self) -> int:
         """The step of the checkpoint this run last wrote or resumed from; -1 when there is none."""

@@ -244,3 +244,29 @@ def test_flip_probability_is_a_probability(seed):
     some = BuiltinPhotos(24, 50, seed=seed, flip_p=0.2)
     flips = sum(not torch.equal(some[(s, 0)].image, never[(s, 0)].image) for s in range(300))
     assert 30 <= flips <= 95  # Binomial(300, 0.2): mean 60, 5 sigma ~ 35
+
+
+@pytest.mark.slow  # a real training run over two epochs and a resume (a few seconds each)
+def test_training_counts_each_unreadable_file_once_per_run(tmp_path, seed):
+    # Two bad files among 12, batch 4: an epoch (3 steps) draws every index once, so each bad file is
+    # met once per epoch; after 3 epochs and a resume the run still counts 2 (it counted 6 before).
+    from pathlib import Path
+
+    from iwm.config import load_config
+    from iwm.train import Trainer
+
+    rng = np.random.default_rng(seed)
+    write_images(tmp_path / "data" / "a", 6, rng, size=(40, 40))
+    write_images(tmp_path / "data" / "b", 4, rng, size=(40, 40))
+    (tmp_path / "data" / "a" / "bad0.png").write_bytes(b"\x89PNG nonsense")
+    (tmp_path / "data" / "b" / "bad1.png").write_bytes(b"")
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    common = ["data.dataset=imagefolder", f"data.image_folder={tmp_path / 'data'}", "data.crop_size=32",
+              "mask.patch_size=8", "data.batch_size=4", "data.num_workers=0", "eval.at_end=false",
+              "logging.tensorboard=false", "logging.progress_bar=off", "meta.use_bfloat16=false",
+              "mask.min_keep=2", "optimization.warmup=1", "optimization.epochs=3",
+              f"logging.folder={tmp_path / 'run'}"]
+    first = Trainer(load_config(tiny, [*common, "optimization.max_steps=4"]), log=lambda *a, **k: None).train()
+    assert first["skipped_images"] == 2  # epoch 0 met both
+    rest = Trainer(load_config(tiny, common), log=lambda *a, **k: None).train()
+    assert rest["final_step"] == 9 and rest["skipped_images"] == 2

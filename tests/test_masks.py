@@ -319,3 +319,19 @@ def test_block_dims_clamps_to_grid():
     assert block_dims((14, 14), 1.0, 1.0) == (14, 14)
     assert block_dims((4, 20), 0.5, 4.0) == (4, 3)  # like I-JEPA: clamped, not re-balanced
     assert block_dims((14, 14), 1e-4, 1.0) == (1, 1)
+
+
+def test_impossible_mask_settings_are_a_config_error_at_start(tmp_path):
+    # A 3x3 grid with targets of half the grid cannot keep min_keep=8 context patches beside a target
+    # block: refused as a ConfigError (the CLI's clean "error:" line), not a ValueError traceback from
+    # inside the trainer.
+    from pathlib import Path
+
+    from iwm.builders import build_mask_sampler
+    from iwm.config import ConfigError, load_config
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    cfg = load_config(tiny, ["data.crop_size=24", "mask.patch_size=8", "mask.min_keep=8",
+                             "mask.pred_mask_scale=[0.5,0.6]", f"logging.folder={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"mask: min_keep: .*3x3 grid"):
+        build_mask_sampler(cfg, 0)
