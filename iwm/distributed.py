@@ -51,21 +51,19 @@ def init_distributed(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     return DistInfo(rank, world, local, float(timeout_s))
 
 
-def all_reduce_mean(values: dict[str, float], info: DistInfo, device: torch.device) -> dict[str, float]:
-    """Mean of each scalar over ranks (one collective for all of them)."""
-    if not info.enabled or not values:
+def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean over ranks of a float64 vector, in one collective (the trainer's window rows and stop
+    flags travel together)."""
+    if not info.enabled:
         return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     try:
-        dist.all_reduce(t)
+        dist.all_reduce(values)
     except RuntimeError as exc:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
         raise DistributedError(
             f"distributed: rank {info.rank} of {info.world_size}: the step's all-reduce failed ({exc}); another "
             f"rank died, hung or was stopped (collectives wait at most meta.dist_timeout_s={info.timeout_s:g}s)"
         ) from exc
-    t /= info.world_size
-    return dict(zip(keys, t.tolist()))
+    return values / info.world_size
 
 
 def barrier(info: DistInfo) -> None:

@@ -18,17 +18,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as torch_dist
 
 import iwm_kernels
 
-from .builders import (RankMasks, augment_config, build_dataset, build_loader, build_mask_sampler,  # noqa: F401
-                       build_model, build_optimizer, load_training_state, model_preset, param_groups,
-                       resolve_device)
+from .builders import (augment_config, build_dataset, build_loader, build_mask_sampler, build_model,
+                       build_optimizer, load_training_state, model_preset, resolve_device)
 from .checkpoint import (LATEST, CheckpointError, config_changes, find_resume_checkpoint, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, check_data_paths, load_config, profile_window, save_config
-from .distributed import DistInfo, DistributedError, init_distributed, shutdown
+from .distributed import DistInfo, DistributedError, all_reduce_mean, init_distributed, shutdown
 from .image_decode import gpu_decode_problem
 from .metrics import MetricsWriter, Progress, format_duration, peak_memory_mb, plot_run
 from .schedules import Schedules, apply_lr_wd
@@ -347,7 +345,7 @@ class Trainer:
         pending, self._pending = self._pending, []
         values = torch.cat([torch.stack([row for _, row in pending]).flatten().double(),
                             torch.tensor([float(asked_to_stop)], dtype=torch.float64, device=self.device)])
-        values = _all_reduce_mean(values, self.dist).tolist()
+        values = all_reduce_mean(values, self.dist).tolist()
         width = len(ROW_COLUMNS)
         for i, (host, _) in enumerate(pending):
             device_part = dict(zip(ROW_COLUMNS, values[i * width:(i + 1) * width]))
@@ -413,20 +411,6 @@ class Trainer:
             return results
         writer.log_eval(self.step, {k: v for k, v in results.items() if isinstance(v, (int, float))})
         return results
-
-
-def _all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The mean over ranks of a float64 vector, in one collective (the window's rows and stop flags)."""
-    if not info.enabled:
-        return values
-    try:
-        torch_dist.all_reduce(values)
-    except RuntimeError as exc:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
-        raise DistributedError(
-            f"distributed: rank {info.rank} of {info.world_size}: the step's all-reduce failed ({exc}); another "
-            f"rank died, hung or was stopped (collectives wait at most meta.dist_timeout_s={info.timeout_s:g}s)"
-        ) from exc
-    return values / info.world_size
 
 
 class Window:

@@ -117,7 +117,7 @@ def test_configs_are_shipped():
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    from iwm.train import model_preset
+    from iwm.builders import model_preset
 
     cfg = load_config(path)
     preset = model_preset(cfg)  # resolving the preset validates again, at the preset's resolution

@@ -99,7 +99,7 @@ def test_every_evaluation_end_to_end_on_a_tiny_model(tmp_path, seed):
     from iwm.eval.mrr import evaluate_mrr
     from iwm.eval.predictor_finetune import finetune_predictor
     from iwm.eval.runner import normalizer, probe_sets, run_evaluations
-    from iwm.train import augment_config, build_mask_sampler
+    from iwm.builders import augment_config, build_mask_sampler
 
     cfg = load_config(None, TINY_EVAL + [f"meta.seed={seed % 1000}"])
     model = tiny_model(seed)

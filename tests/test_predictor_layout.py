@@ -126,7 +126,7 @@ def test_shared_context_is_ijepa_at_depth_1_only(conditioning, seed):
 
 def test_every_default_is_the_papers_predictor():
     from iwm.config import Config, load_config
-    from iwm.train import model_preset
+    from iwm.builders import model_preset
 
     pred = VisionTransformerPredictor(16, 4, embed_dim=48, predictor_embed_dim=32, depth=1, num_heads=2)
     assert pred.shared_context is False

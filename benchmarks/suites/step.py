@@ -65,7 +65,6 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from iwm import augment as aug
 from iwm.masks import MultiBlockMaskSampler
@@ -332,7 +331,7 @@ class StepBench:
 
         Ours is `iwm.step.TrainStep`, the step `iwm.train` runs, with the phase names of its profiler
         ranges; the baseline marks the same phases around its own code."""
-        model, device, case = self.model, self.device, self.case
+        model = self.model
         layout_before = model.predictor.shared_context
         model.predictor.shared_context = variant.layout == "shared"
         if variant.impl == "ijepa":
