@@ -190,7 +190,7 @@ def test_fallbacks_are_the_overlapping_samples_and_survive_slicing(seed):
 
 @pytest.mark.parametrize("ragged", [True, False])
 def test_rank_masks_report_their_own_fallbacks(seed, ragged):
-    from iwm.train import RankMasks
+    from iwm.builders import RankMasks
 
     sampler = MultiBlockMaskSampler(4, target_scale=(0.3, 0.4), min_keep=10, max_tries=1, seed=seed)
     for step in range(3):
