@@ -9,7 +9,8 @@ from typing import NamedTuple
 
 class Availability(NamedTuple):
     available: bool
-    detail: str
+    detail: str                   # one line: what it is, or why it cannot run
+    reasons: tuple[str, ...] = ()  # when not available: every reason, one per entry
 
 
 _warned: set[str] = set()

@@ -1,14 +1,16 @@
-"""Backend names, what can run here, and which backend a call uses.
+"""Which backend a call uses.
 
 Three backends implement every op:
   reference  eager PyTorch written for clarity (the one tests and benchmarks compare to);
   triton     Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1;
   native     C++ (CPU, OpenMP via at::parallel_for) and CUDA, built just in time from csrc/.
+What each can run, per op, device type and dtype, and why not, is the registry's (_registry.py).
 
 Choice, in order: the per-call `backend=` argument, then the innermost `use_backend(name)` block, then
-the IWM_KERNELS_BACKEND environment variable, then the automatic default (triton on CUDA tensors, native on CPU tensors, reference otherwise).
-An automatic choice that cannot run here falls back to the reference and warns once; an explicit
-choice that cannot run raises.
+the IWM_KERNELS_BACKEND environment variable (read, never written), then the automatic default (the
+first of AUTO_ORDER that can run: triton, then native, on CUDA tensors; native on CPU tensors; else
+the reference). An automatic choice whose best backend is missing here warns once; an explicit choice
+that cannot run raises with the registry's reasons.
 """
 from __future__ import annotations
 
@@ -20,72 +22,54 @@ from typing import Iterator, Optional
 
 import torch
 
-from ._availability import Availability, warn_once  # noqa: F401  (re-exported)
+from ._availability import Availability, warn_once
+from ._registry import BACKENDS, backend as _backend_entry, op as _op
 
-BACKENDS = ("reference", "triton", "native")
 ENV_VAR = "IWM_KERNELS_BACKEND"
+# The automatic choice per device type, best first; the reference ends every list.
+AUTO_ORDER = {"cuda": ("triton", "native"), "cpu": ("native",)}
 
 
-def triton_interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+class BackendUnavailable(RuntimeError):
+    """An explicitly chosen backend cannot run the call here; `reasons` lists why, one per entry."""
+
+    def __init__(self, op: str, backend: str, reasons: list[str]):
+        super().__init__(f"{op}: backend {backend!r} cannot run here: {'; '.join(reasons)}")
+        self.op, self.backend, self.reasons = op, backend, list(reasons)
+
+    def __reduce__(self):  # picklable (errors cross process boundaries: loader workers, spawn)
+        return type(self), (self.op, self.backend, self.reasons)
 
 
-_triton_status: Optional[Availability] = None
+class UnsupportedDtype(TypeError):
+    """An explicitly chosen backend has no code for the input's dtype; `reasons` says which and what it takes."""
+
+    def __init__(self, reasons: list[str]):
+        super().__init__("; ".join(reasons))
+        self.reasons = list(reasons)
+
+    def __reduce__(self):
+        return type(self), (self.reasons,)
 
 
-def triton_status() -> Availability:
-    """Whether `import triton` works here (cached; never raises)."""
-    global _triton_status
-    if _triton_status is None:
-        try:
-            import triton  # noqa: F401
-
-            _triton_status = Availability(True, f"triton {triton.__version__}")
-        except Exception as exc:  # ImportError, or a broken install
-            _triton_status = Availability(False, f"triton is not importable ({exc.__class__.__name__}: {exc}); "
-                                                 "pip install triton")
-    return _triton_status
-
-
-def triton_runs_on(device: torch.device) -> Availability:
-    status = triton_status()
-    if not status.available:
-        return status
-    if device.type == "cuda":
-        return status
-    if device.type == "cpu" and triton_interpreter_enabled():
-        return Availability(True, status.detail + " (interpreter)")
-    return Availability(False, f"{status.detail} is installed, but runs on CUDA tensors, or on CPU tensors only with TRITON_INTERPRET=1 "
-                               f"set before triton is imported (got {device.type} tensors)")
-
-
-def native_runs_on(device: torch.device) -> Availability:
-    from . import _native
-
-    status = _native.status()
-    if not status.available:
-        return status
-    if device.type == "cpu":
-        return status
-    if device.type == "cuda":
-        if _native.built_with_cuda():
-            return status
-        return Availability(False, "the native extension was built without CUDA (no CUDA torch or no nvcc)")
-    return Availability(False, f"no native code for {device.type} tensors")
-
-
-def runs_on(backend: str, device: torch.device) -> Availability:
-    if backend == "reference":
-        return Availability(True, "eager PyTorch")
-    if backend == "triton":
-        return triton_runs_on(device)
-    if backend == "native":
-        return native_runs_on(device)
-    raise ValueError(_unknown(backend, "backend"))
+def runs_on(backend: str, device: torch.device, op: Optional[str] = None,
+            dtype: Optional[torch.dtype] = None) -> Availability:
+    """Whether `backend` can run on `device` tensors here (for `op`, of `dtype`, when given), with the
+    reasons when not."""
+    reasons = _op(op or "").not_supported_reasons(_checked(backend, "backend"), device, dtype)
+    if reasons:
+        return Availability(False, "; ".join(reasons), tuple(reasons))
+    return Availability(True, _backend_entry(backend).summary())
 
 
 def _unknown(name: object, source: str) -> str:
     return f"{source}: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}"
+
+
+def _checked(name: object, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(_unknown(name, source))
+    return name  # type: ignore[return-value]
 
 
 # The innermost use_backend() choice: a ContextVar, so each thread (and asyncio task) has its own and
@@ -123,9 +107,7 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
     """The explicit choice (argument, else use_backend block, else environment), validated; None means
     automatic."""
     if backend is not None:
-        if backend not in BACKENDS:
-            raise ValueError(_unknown(backend, "backend"))
-        return backend
+        return _checked(backend, "backend")
     scoped = _scoped_choice_while_tracing() if torch.compiler.is_compiling() else _scoped_backend.get()
     if scoped:
         return None if scoped == _AUTO else scoped
@@ -138,61 +120,54 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
 
 
 def resolve_backend(backend: Optional[str], device: torch.device, op: str,
-                    native_devices: tuple[str, ...] = ("cpu", "cuda")) -> str:
-    """The backend that runs `op` on `device` tensors.
+                    dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs `op` on `device` tensors (`dtype`: of the op's main input, for the ops
+    whose backends limit it).
 
-    Explicit choices that cannot run here raise (the user asked for something specific); the automatic
-    choice degrades to the reference with a one-time warning. `native_devices` lists the device types
-    the op has native code for (an op whose GPU path is Triton only passes ("cpu",)). The environment
-    is read on every call; the decision for it is cached, because what can run does not change within
-    a process and the checks behind it cost more than a small op.
+    An explicit choice that cannot run here raises, listing the registry's reasons (BackendUnavailable;
+    UnsupportedDtype, a TypeError, when the dtype is the only one). The automatic choice takes the first
+    of AUTO_ORDER for the device that can run, else the reference, and warns once when the first was
+    skipped because this process lacks it (not installed, not built). The environment variable is read
+    on every call; the decision is cached, because what can run does not change within a process and the
+    checks behind it cost more than a small op.
     """
-    args = (requested_backend(backend), device.type, op, tuple(native_devices))
+    args = (requested_backend(backend), device.type, op, dtype)
     if torch.compiler.is_compiling():
         return _resolve_while_tracing(*args)
     return _resolve(*args)
 
 
 @torch.compiler.assume_constant_result
-def _resolve_while_tracing(explicit: Optional[str], device_type: str, op: str, native_devices: tuple[str, ...]) -> str:
+def _resolve_while_tracing(explicit: Optional[str], device_type: str, op: str, dtype: Optional[torch.dtype]) -> str:
     # The first call in a process may come from inside a torch.compile trace, and what can run is found
     # out by importing triton and building the native extension under a lock: nothing dynamo can trace.
     # Dynamo runs this function eagerly instead and bakes its answer into the graph as a constant (the
     # answer cannot change within a process).
-    return _resolve(explicit, device_type, op, native_devices)
+    return _resolve(explicit, device_type, op, dtype)
 
 
 @functools.lru_cache(maxsize=512)
-def _resolve(explicit: Optional[str], device_type: str, op: str, native_devices: tuple[str, ...]) -> str:
-    device = torch.device(device_type)
+def _resolve(explicit: Optional[str], device_type: str, op: str, dtype: Optional[torch.dtype]) -> str:
+    spec, device = _op(op), torch.device(device_type)
     if explicit is not None:
-        if explicit == "native" and device.type not in native_devices:
-            raise RuntimeError(f"{op}: backend 'native' cannot run here: {op} has no native code for "
-                               f"{device.type} tensors (use triton)")
-        status = runs_on(explicit, device)
-        if not status.available:
-            raise RuntimeError(f"{op}: backend {explicit!r} cannot run here: {status.detail}")
+        reasons = spec.not_supported_reasons(explicit, device, dtype)
+        if reasons and reasons == spec.dtype_reasons(explicit, dtype):
+            raise UnsupportedDtype(reasons)
+        if reasons:
+            raise BackendUnavailable(op, explicit, reasons)
         return explicit
-    preferred = "triton" if device.type == "cuda" else "native" if device.type == "cpu" else "reference"
-    if preferred == "reference":
-        return "reference"
-    status = runs_on(preferred, device)
-    if status.available:
-        return preferred
-    if device.type == "cuda" and "cuda" in native_devices:  # triton missing: the native CUDA op is next best
-        native = native_runs_on(device)
-        if native.available:
-            warn_once(f"fallback:{preferred}:{device.type}",
-                      f"iwm_kernels: {preferred} unavailable ({status.detail}); using the native backend")
-            return "native"
-    warn_once(f"fallback:{preferred}:{device.type}",
-              f"iwm_kernels: {preferred} backend unavailable on {device.type} ({status.detail}); "
-              f"using the reference backend")
-    return "reference"
+    order = AUTO_ORDER.get(device_type, ())
+    chosen = next((name for name in order if not spec.not_supported_reasons(name, device, dtype)), "reference")
+    missing = _backend_entry(order[0]).reasons(device) if order and chosen != order[0] else []
+    if missing:  # the best backend for the device is absent from this process: say so, once
+        warn_once(f"fallback:{order[0]}:{device_type}:{chosen}",
+                  f"iwm_kernels: {order[0]} backend unavailable on {device_type} ({'; '.join(missing)}); "
+                  f"using the {chosen} backend")
+    return chosen
 
 
 def available_backends() -> dict[str, Availability]:
-    """What can run here, and for what cannot, why.
+    """What can run here, and for what cannot, why (`reasons`: one per entry).
 
     Asking about `native` builds the extension on first use (cached afterwards), so the answer is true.
     """

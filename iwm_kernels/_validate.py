@@ -43,9 +43,10 @@ def check_same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tens
         raise ValueError(f"{name}: on {t.device} but {ref_name} is on {ref.device}")
 
 
-def check_momentum(momentum: object, name: str = "momentum", device: Optional[torch.device] = None
-                   ) -> tuple[float, Optional[torch.Tensor]]:
-    """A Python number in [0, 1], or a 0-dim floating tensor (value not read: no host sync)."""
+def check_momentum(momentum: object, name: str = "momentum", device: Optional[torch.device] = None,
+                   check_values: bool = True) -> tuple[float, Optional[torch.Tensor]]:
+    """A Python number in [0, 1], or a 0-dim floating tensor (a device tensor's value is not read: no
+    host sync; a CPU tensor's is, unless check_values is False)."""
     if isinstance(momentum, torch.Tensor):
         if momentum.dim() != 0 or momentum.numel() != 1:
             raise ValueError(f"{name}: a tensor momentum must be 0-dim, got shape {tuple(momentum.shape)}")
@@ -53,7 +54,7 @@ def check_momentum(momentum: object, name: str = "momentum", device: Optional[to
             raise TypeError(f"{name}: a tensor momentum must be floating point, got {momentum.dtype}")
         if device is not None and momentum.device != device and momentum.device.type != "cpu":
             raise ValueError(f"{name}: on {momentum.device}, expected {device} (or CPU)")
-        if momentum.device.type == "cpu" and not torch.compiler.is_compiling():
+        if momentum.device.type == "cpu" and check_values and not torch.compiler.is_compiling():
             value = float(momentum)
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"{name}: must be finite and within [0, 1], got {value}")

@@ -2,6 +2,7 @@
 extension switched off must import, fall back to the reference with one warning, and refuse an
 explicit request for what cannot run; and a first call made from inside a fullgraph torch.compile trace
 must resolve its backend without breaking the graph."""
+import functools
 import json
 import os
 import subprocess
@@ -25,18 +26,25 @@ SCRIPT = textwrap.dedent("""
             iwm_kernels.ema_update_(t, o, 0.5)
         x = torch.randn(2, 4, 3)
         iwm_kernels.gather_tokens(x, torch.tensor([[0, 3], [1, 2]]))
-    errors = {}
+    errors, reasons = {}, {}
     for name in ("triton", "native"):
         try:
             iwm_kernels.ema_update_(t, o, 0.5, backend=name)
         except RuntimeError as exc:
-            errors[name] = str(exc)
-    avail = {k: [v.available, v.detail] for k, v in iwm_kernels.available_backends().items()}
+            errors[name] = [str(exc), exc.reasons]
+        reasons[name] = iwm_kernels.not_supported_reasons("ema_update_", name, "cpu")
+    from iwm_kernels._backend import resolve_backend
+    try:
+        resolve_backend("native", torch.device("cuda"), "gather_tokens")
+    except iwm_kernels.BackendUnavailable as exc:
+        errors["gather_native_cuda"] = [str(exc), exc.reasons]
+    avail = {k: [v.available, v.detail, list(v.reasons)] for k, v in iwm_kernels.available_backends().items()}
     print(json.dumps({"warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
-                      "value": t[0].tolist(), "errors": errors, "available": avail}))
+                      "value": t[0].tolist(), "errors": errors, "reasons": reasons, "available": avail}))
 """)
 
 
+@functools.lru_cache(maxsize=None)  # one subprocess for every test that reads its answers
 def _run() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("IWM_KERNELS_BACKEND",)}
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=120)
@@ -50,10 +58,88 @@ def test_missing_triton_and_compiler_fall_back_with_one_warning():
     assert len(res["warnings"]) == 1, res["warnings"]
     assert "reference" in res["warnings"][0] and "\n" not in res["warnings"][0]
     assert res["value"] == [0.125] * 5                      # 1 -> 0.5 -> 0.25 -> 0.125: the update ran
-    assert "cannot run here" in res["errors"]["triton"] and "cannot run here" in res["errors"]["native"]
+    assert "cannot run here" in res["errors"]["triton"][0] and "cannot run here" in res["errors"]["native"][0]
     assert res["available"]["reference"][0] is True
     assert res["available"]["triton"][0] is False and res["available"]["triton"][1]
     assert res["available"]["native"][0] is False and "IWM_KERNELS_NO_NATIVE" in res["available"]["native"][1]
+
+
+def test_an_unavailable_explicit_backend_lists_every_reason():
+    """The error for an explicit backend that cannot run names each reason the registry gives (the op's
+    own limits and the environment's), and they are the ones `not_supported_reasons` reports."""
+    res = _run()
+    for name in ("triton", "native"):
+        message, reasons = res["errors"][name]
+        assert reasons and reasons == res["reasons"][name], (reasons, res["reasons"][name])
+        assert all(r in message for r in reasons) and "\n" not in message
+    assert any("triton is not importable" in r for r in res["reasons"]["triton"])
+    assert res["reasons"]["native"] == ["disabled by IWM_KERNELS_NO_NATIVE"]
+    assert res["available"]["native"][2] == ["disabled by IWM_KERNELS_NO_NATIVE"]
+    message, reasons = res["errors"]["gather_native_cuda"]
+    assert reasons == ["gather_tokens has no native code for cuda tensors (the triton backend covers CUDA tensors)",
+                       "disabled by IWM_KERNELS_NO_NATIVE"], reasons
+    assert message.startswith("gather_tokens: backend 'native' cannot run here: ")
+    assert all(r in message for r in reasons)
+
+
+def test_registry_states_each_ops_devices_and_dtypes():
+    from iwm_kernels import _registry
+
+    reasons = iwm_kernels.not_supported_reasons
+
+    assert set(_registry.ops()) == {"gather_tokens", "apply_masks", "varlen_attention", "ema_update_", "photometric"}
+    for op in _registry.ops():
+        assert _registry.op(op).code_reasons("reference", "cuda") == []  # the reference runs anywhere
+    # the ops whose native code is CPU only say so, on every machine (not an environment question)
+    for op in ("gather_tokens", "apply_masks", "photometric"):
+        assert any(f"{op} has no native code for cuda tensors" in r
+                   for r in reasons(op, "native", "cuda"))
+        assert not any("has no native code" in r for r in reasons(op, "native", "cpu"))
+    assert not any("has no native code" in r for r in reasons("ema_update_", "native", "cuda"))
+    # Triton attention has no float64 kernels: a reason naming the argument, and only for that dtype
+    f64 = reasons("varlen_attention", "triton", "cuda", torch.float64)
+    assert any(r.startswith("q: dtype float64 is not supported by the triton backend") for r in f64), f64
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, None):
+        assert not any("dtype" in r for r in reasons("varlen_attention", "triton", "cuda", dtype))
+    assert not any("dtype" in r for r in reasons("varlen_attention", "native", "cuda", torch.float64))
+
+
+def test_backend_errors_keep_their_reasons_through_pickle():
+    import pickle
+
+    from iwm_kernels._backend import UnsupportedDtype
+
+    err = pickle.loads(pickle.dumps(iwm_kernels.BackendUnavailable("op", "native", ["a", "b"])))
+    assert err.reasons == ["a", "b"] and str(err) == "op: backend 'native' cannot run here: a; b"
+    assert pickle.loads(pickle.dumps(UnsupportedDtype(["q: dtype float64"]))).reasons == ["q: dtype float64"]
+
+
+def test_registry_arguments_are_checked():
+    with pytest.raises(ValueError, match="op_name: unknown op 'gather'"):
+        iwm_kernels.not_supported_reasons("gather", "native", "cpu")
+    with pytest.raises(ValueError, match="backend: unknown backend 'cuda'"):
+        iwm_kernels.not_supported_reasons("gather_tokens", "cuda", "cpu")
+    from iwm_kernels.gather import run_forward
+
+    with pytest.raises(ValueError, match="backend: unknown backend 'fast'"):
+        run_forward("fast", torch.randn(1, 2, 3), torch.zeros(1, 1, dtype=torch.int64), None, None, None, False, 1e-5)
+
+
+def test_automatic_choice_skips_a_backend_without_the_inputs_dtype():
+    """float64 attention on CUDA tensors: Triton has no float64 kernels, so the automatic choice takes the
+    next backend that can run (native where built with CUDA, else the reference) instead of raising;
+    an explicit triton raises a TypeError with the reason."""
+    from iwm_kernels._backend import UnsupportedDtype, resolve_backend
+
+    cuda = torch.device("cuda")
+    chosen = resolve_backend(None, cuda, "varlen_attention", torch.float64)
+    assert chosen != "triton"
+    assert not iwm_kernels.not_supported_reasons("varlen_attention", chosen, cuda, torch.float64)
+    if not iwm_kernels.not_supported_reasons("varlen_attention", "triton", cuda, torch.float32):
+        assert resolve_backend(None, cuda, "varlen_attention", torch.float32) == "triton"
+        with pytest.raises(UnsupportedDtype, match="q: dtype float64 is not supported by the triton backend") as err:
+            resolve_backend("triton", cuda, "varlen_attention", torch.float64)
+        assert isinstance(err.value, TypeError) and len(err.value.reasons) == 1
 
 
 def test_resolution_follows_the_environment_each_call(monkeypatch):

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 import iwm_kernels
 from iwm.masks import MultiBlockMaskSampler
-from iwm_kernels import gather as gather_mod
 from iwm_kernels.gather import reference
 from tests.helpers import TOLERANCES, backends_on
 
@@ -658,7 +657,7 @@ def test_check_index_values_reports_order():
 def test_native_backend_has_no_cuda_path():
     from iwm_kernels._backend import resolve_backend
     with pytest.raises(RuntimeError, match="no native code for cuda"):
-        resolve_backend("native", torch.device("cuda"), "gather_tokens", native_devices=("cpu",))
+        resolve_backend("native", torch.device("cuda"), "gather_tokens")
 
 
 def test_unknown_backend():

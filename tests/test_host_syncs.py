@@ -11,71 +11,22 @@ NumPy / Python values); everything the step does with them is inside it.
 """
 from __future__ import annotations
 
-import collections
 from dataclasses import replace
-import traceback
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import iwm_kernels
 from iwm import augment as aug
 from iwm.masks import MultiBlockMaskSampler
 from iwm.models import IWM
-
-aten = torch.ops.aten
-
-_READ_PACKETS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.equal, aten._unique,
-                 aten._unique2, aten.unique_dim, aten.unique_consecutive, aten.unique_dim_consecutive}
-_PY_READERS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
-
-
-def _where() -> str:
-    """The innermost frame of this repository's code that caused a read (for the failure message)."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        if "/iwm" in frame.filename and "test_host_syncs" not in frame.filename:
-            return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
-    return "?"
-
-
-class HostReadCounter(TorchDispatchMode):
-    """Counts value reads while active, keyed by (what, where)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        packet = func.overloadpacket
-        if packet in _READ_PACKETS:
-            self.reads[(str(func), _where())] += 1
-        elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size", args[1] if len(args) > 1 else None) is None:
-            self.reads[(str(func) + " (no output_size)", _where())] += 1
-        return func(*args, **kwargs)
-
-    @property
-    def total(self) -> int:
-        return sum(self.reads.values())
+from tests.helpers import HostReadCounter, count_python_readers
 
 
 @pytest.fixture
 def count_reads(monkeypatch):
     """A context factory: `with count_reads() as c:` counts dispatcher reads and Python-side readers."""
-    active: list[HostReadCounter] = []
-
-    def wrap(name):
-        original = getattr(torch.Tensor, name)
-
-        def reader(self, *args, **kwargs):
-            if active:
-                active[-1].reads[(f"Tensor.{name}", _where())] += 1
-            return original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, reader)
-
-    for name in _PY_READERS:
-        wrap(name)
+    active = count_python_readers(monkeypatch.setattr)
 
     class _Window:
         def __enter__(self):
@@ -92,7 +43,7 @@ def count_reads(monkeypatch):
 
 
 def _report(counter: HostReadCounter) -> str:
-    return "\n".join(f"{n} x {what} at {where}" for (what, where), n in counter.reads.most_common())
+    return counter.report()
 
 
 def test_counter_sees_every_kind_of_read(count_reads, seed):

@@ -294,7 +294,7 @@ def implementations(case: Case, device: torch.device) -> dict[str, tuple[Optiona
         impls[name] = (make_flex, "", {"layout": layout, "segment_ids": pk.segment_ids, "flex": True})
 
     ours = "triton" if device.type == "cuda" else "native"
-    status = runs_on(ours, device)
+    status = runs_on(ours, device, "varlen_attention", dtype)
     for mode, pk, layout in (("repeated", rep, rep_layout), ("shared", sh, sh_layout)):
         def make_o(pk=pk, layout=layout):
             q, k, v = _qkv(pk.num_tokens, shape, dtype, device, 0)

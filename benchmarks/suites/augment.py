@@ -70,11 +70,9 @@ def implementations(device: torch.device, quick: bool) -> dict[str, tuple[Option
                                           if compiled else None, why)
     impls["PIL per image (1 process)"] = (None, "")  # special-cased: runs on the CPU, on PIL_IMAGES images
     for backend in ("native", "triton"):
-        status = runs_on(backend, device)
+        status = runs_on(backend, device, "photometric")  # no native CUDA code: the registry says so
         if backend == "triton" and device.type == "cpu":
             status = status._replace(available=False, detail="the Triton interpreter is a correctness tool, not timed")
-        if backend == "native" and device.type == "cuda":
-            status = status._replace(available=False, detail="no native CUDA kernel (Triton covers CUDA)")
         fn = (lambda x, p, m, s, d, b=backend: run_backend(b, x, p, m, s, d)) if status.available else None
         impls[f"ours ({backend})"] = (fn, "" if status.available else status.detail)
     return impls

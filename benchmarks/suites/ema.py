@@ -9,7 +9,6 @@ from typing import Callable
 
 import torch
 
-import iwm_kernels
 from iwm_kernels._backend import runs_on
 from iwm_kernels.ema import reference, run_backend
 
@@ -37,7 +36,7 @@ def implementations(device: torch.device) -> dict[str, tuple[Callable | None, st
     compiled, why = try_compile(per_parameter_loop)
     impls["loop + torch.compile"] = (compiled, why)
     for backend in ("native", "triton"):
-        status = runs_on(backend, device)
+        status = runs_on(backend, device, "ema_update_")
         if backend == "triton" and device.type == "cpu":
             status = status._replace(available=False, detail="the Triton interpreter is a correctness tool, not timed")
         fn = (lambda t, o, m, b=backend: run_backend(b, t, o, m, None)) if status.available else None

@@ -56,10 +56,7 @@ def our_backends(device: torch.device) -> dict[str, str]:
     """backend -> '' if it is timed here, else why not."""
     out = {}
     for backend in ("native", "triton"):
-        if backend == "native" and device.type != "cpu":
-            out[backend] = "no native CUDA path for this op (Triton is the GPU path)"
-            continue
-        status = runs_on(backend, device)
+        status = runs_on(backend, device, "gather_tokens")  # the registry knows gather has no native CUDA code
         if backend == "triton" and device.type == "cpu":
             status = status._replace(available=False, detail="the Triton interpreter is a correctness tool, not timed")
         out[backend] = "" if status.available else status.detail

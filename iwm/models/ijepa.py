@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Optional
 
+from iwm_kernels.names import strip_wrapper_prefixes
+
 from ..checkpoint import load_weights_only
 from .predictor import VisionTransformerPredictor
 from .vit import VisionTransformer
@@ -15,12 +17,7 @@ _HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
 
 
 def _strip(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        while k.startswith("module.") or k.startswith("_orig_mod."):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
+    return {strip_wrapper_prefixes(k): v for k, v in state.items()}
 
 
 def _depth(state: dict, prefix: str) -> int:

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .._backend import resolve_backend
+from .._registry import Op, Support
 from .._validate import FLOAT_DTYPES, check_cu_seqlens, check_max_seqlen, check_segment_ids, check_tensor
 from . import native, reference
 from .layout import Layout, prepare
@@ -32,6 +33,12 @@ __all__ = ["varlen_attention", "VarlenSelfAttention", "pack_predictor_sequences"
 TRITON_HEAD_DIMS = (32, 64, 128)
 TRITON_MAX_HEAD_DIM = 128
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+ATTENTION = Op("varlen_attention", {
+    "reference": Support(),
+    "triton": Support(dtypes=TRITON_DTYPES, hint="use backend='reference' or 'native' for float64"),
+    "native": Support(),
+}, dtype_arg="q")
 
 
 def _check_qkv(q: object, k: object, v: object) -> tuple[int, int, int]:
@@ -60,10 +67,8 @@ def _check_scale(scale: object, head_dim: int) -> float:
     return float(scale)
 
 
-def _check_triton_support(q: torch.Tensor) -> None:
-    if q.dtype not in TRITON_DTYPES:
-        raise TypeError(f"q: dtype {str(q.dtype).replace('torch.', '')} is not supported by the triton backend "
-                        "(float32, bfloat16, float16; use backend='reference' for float64)")
+def _check_triton_head_dim(q: torch.Tensor) -> None:
+    # A shape limit of the Triton kernels (their dtypes are in ATTENTION's registry entry).
     if q.shape[2] > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"q: head dim {q.shape[2]} is not supported by the triton backend (at most "
                          f"{TRITON_MAX_HEAD_DIM}; {', '.join(map(str, TRITON_HEAD_DIMS))} run unpadded)")
@@ -97,16 +102,63 @@ class _TritonVarlenAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+# Entry points per backend: "forward" (eager, differentiable), "op_forward" (inside the custom op: no
+# autograd, returns (out, lse); lse is the Triton backward's and empty otherwise) and "op_backward".
+@ATTENTION.implementation("triton")
+def _triton_forward(q, k, v, layout, max_seqlen, scale):
+    return _TritonVarlenAttention.apply(q, k, v, layout, max_seqlen, scale)
+
+
+@ATTENTION.implementation("native")
+def _native_forward(q, k, v, layout, max_seqlen, scale):
+    return native.varlen_attention(q, k, v, layout, scale)
+
+
+@ATTENTION.implementation("reference")
+def _reference_forward(q, k, v, layout, max_seqlen, scale):
+    return reference.varlen_attention(q, k, v, layout.cu_seqlens, layout.segment_ids, scale)
+
+
+@ATTENTION.implementation("triton", "op_forward")
+def _triton_op_forward(q, k, v, layout, max_seqlen, scale):
+    from . import triton_kernels
+
+    return triton_kernels.forward(q, k, v, layout, max_seqlen, scale)
+
+
+@ATTENTION.implementation("native", "op_forward")
+def _native_op_forward(q, k, v, layout, max_seqlen, scale):
+    with torch.no_grad():
+        return native.varlen_attention(q, k, v, layout, scale), q.new_empty((0,), dtype=torch.float32)
+
+
+@ATTENTION.implementation("reference", "op_forward")
+def _reference_op_forward(q, k, v, layout, max_seqlen, scale):
+    with torch.no_grad():
+        return _reference_forward(q, k, v, layout, max_seqlen, scale), q.new_empty((0,), dtype=torch.float32)
+
+
+@ATTENTION.implementation("triton", "op_backward")
+def _triton_op_backward(grad_out, q, k, v, out, lse, layout, max_seqlen, scale):
+    from . import triton_kernels
+
+    return triton_kernels.backward(grad_out, q, k, v, out, lse, layout, max_seqlen, scale)
+
+
+@ATTENTION.implementation("native", "op_backward")
+def _native_op_backward(grad_out, q, k, v, out, lse, layout, max_seqlen, scale):
+    return native.varlen_attention_backward(grad_out, q, k, v, layout, scale)
+
+
+@ATTENTION.implementation("reference", "op_backward")
+def _reference_op_backward(grad_out, q, k, v, out, lse, layout, max_seqlen, scale):
+    return reference.varlen_attention_backward(grad_out, q, k, v, layout.cu_seqlens, layout.segment_ids, scale)
+
+
 def run_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
                 max_seqlen: int, scale: float) -> torch.Tensor:
     """One named backend on validated inputs, differentiable (benchmarks call this directly)."""
-    if backend == "triton":
-        return _TritonVarlenAttention.apply(q, k, v, layout, max_seqlen, scale)
-    if backend == "native":
-        return native.varlen_attention(q, k, v, layout, scale)
-    if backend == "reference":
-        return reference.varlen_attention(q, k, v, layout.cu_seqlens, layout.segment_ids, scale)
-    raise ValueError(f"backend: unknown backend {backend!r}")
+    return ATTENTION.impl(backend)(q, k, v, layout, max_seqlen, scale)
 
 
 # ---- custom ops: what torch.compile sees ---------------------------------------------------------------
@@ -116,16 +168,7 @@ def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
                          max_seqlen: int, segment_ids: Optional[torch.Tensor], scale: float, backend: str,
                          check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen, check_values=check_values)
-    if backend == "triton":
-        from . import triton_kernels
-
-        return triton_kernels.forward(q, k, v, layout, max_seqlen, scale)
-    with torch.no_grad():
-        if backend == "native":
-            out = native.varlen_attention(q, k, v, layout, scale)
-        else:
-            out = reference.varlen_attention(q, k, v, layout.cu_seqlens, segment_ids, scale)
-    return out, q.new_empty((0,), dtype=torch.float32)
+    return ATTENTION.impl(backend, "op_forward")(q, k, v, layout, max_seqlen, scale)
 
 
 @_varlen_attention_op.register_fake
@@ -140,13 +183,7 @@ def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: to
                                   segment_ids: Optional[torch.Tensor], scale: float, backend: str,
                                   check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen, check_values=check_values)
-    if backend == "triton":
-        from . import triton_kernels
-
-        return triton_kernels.backward(grad_out, q, k, v, out, lse, layout, max_seqlen, scale)
-    if backend == "native":
-        return native.varlen_attention_backward(grad_out, q, k, v, layout, scale)
-    return reference.varlen_attention_backward(grad_out, q, k, v, layout.cu_seqlens, segment_ids, scale)
+    return ATTENTION.impl(backend, "op_backward")(grad_out, q, k, v, out, lse, layout, max_seqlen, scale)
 
 
 @_varlen_attention_backward_op.register_fake
@@ -192,7 +229,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         sequence every segment is contiguous and segment 0 (context) comes first. A query in segment 0
         sees only segment-0 keys; a query in segment g > 0 sees segment-0 keys and its own segment's.
     scale: softmax scale, default 1/sqrt(Dh).
-    backend: "reference" | "triton" | "native"; default from IWM_KERNELS_BACKEND, else automatic.
+    backend: "reference" | "triton" | "native"; default from use_backend / IWM_KERNELS_BACKEND, else
+        automatic (a float64 q skips triton, which has no float64 kernels).
     check_values: read cu_seqlens and segment_ids to validate them (a host round trip, a device sync
         on CUDA; cached per offsets tensor). False is for layouts the caller vouches for (a sampler's
         MaskBatch packed by pack_predictor_sequences): nothing is read back on the native and Triton
@@ -209,9 +247,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if segment_ids is not None:
         check_segment_ids(segment_ids, "segment_ids", cu_seqlens, T, device=q.device, check_values=False)
     scale = _check_scale(scale, D)
-    chosen = resolve_backend(backend, q.device, "varlen_attention")
+    chosen = resolve_backend(backend, q.device, ATTENTION.name, dtype=q.dtype)
     if chosen == "triton":
-        _check_triton_support(q)
+        _check_triton_head_dim(q)
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
     if torch.compiler.is_compiling():

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._backend import warn_once
+from .._availability import warn_once
 
 
 class VarlenSelfAttention(nn.Module):

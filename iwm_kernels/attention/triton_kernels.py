@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import triton_interpreter_enabled
+from .._registry import triton_interpreter_enabled
 from . import grid as launch_grid
 from .layout import Layout
 

@@ -13,9 +13,11 @@ import torch
 from torch import nn
 
 from .._backend import resolve_backend
+from .._registry import Op, Support
 from .._validate import FLOAT_DTYPES, check_momentum
+from ..names import strip_wrapper_prefixes
 from . import reference
-from .momentum_flag import momentum_error_flag, raise_if_momentum_was_invalid
+from .momentum_flag import momentum_error_flag, raise_if_momentum_was_invalid, valid_or_one
 from .overlap import check_no_overlap
 from .plan import signature
 from .version_counters import bump_versions
@@ -24,19 +26,8 @@ __all__ = ["ema_update_", "run_backend", "momentum_error_flag", "raise_if_moment
 
 TensorsOrModule = Union[nn.Module, Sequence[torch.Tensor]]
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
-
-
-def _strip(name: str) -> str:
-    # DDP / torch.compile / FSDP wrappers add prefixes; pair parameters by their unwrapped names.
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-            name = name.replace("." + prefix, ".")
-    return name
+# Every backend runs every dtype on every device it runs on (native: C++ on the CPU, CUDA kernel on GPUs).
+EMA = Op("ema_update_", {"reference": Support(), "triton": Support(), "native": Support()}, dtype_arg="target")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -51,7 +42,7 @@ def _module_tensors(module: nn.Module, copy_buffers: bool) -> tuple[list[str], l
     names, params = [], []
     for name, p in module.named_parameters():
         if p.dtype.is_floating_point:
-            names.append(_strip(name))
+            names.append(strip_wrapper_prefixes(name))  # paired by unwrapped names
             params.append(_local(p))
     buffers = [b for _, b in module.named_buffers()] if copy_buffers else []
     return names, params, buffers
@@ -115,13 +106,13 @@ def _validate(targets: list[torch.Tensor], onlines: list[torch.Tensor], names: l
             raise ValueError(f"online{name}: must be contiguous")
 
 
-def _check_concrete_momentum(momentum: float, momentum_tensor: Optional[torch.Tensor]) -> None:
-    """Inside the op, values are concrete: a number or a CPU tensor is read here (no device sync; under
-    torch.compile this is the first point where its value is known). A device tensor is left to the
-    kernels' device-side rule (momentum_flag)."""
+def _check_concrete_momentum(momentum: float, momentum_tensor: Optional[torch.Tensor], check_values: bool) -> None:
+    """Inside the op, values are concrete: a number or a checked CPU tensor is read here (no device sync;
+    under torch.compile this is the first point where its value is known). A device tensor, or a CPU
+    tensor with check_values=False, is left to the kernels' rule (momentum_flag)."""
     if momentum_tensor is None:
         value = momentum
-    elif momentum_tensor.device.type == "cpu":
+    elif momentum_tensor.device.type == "cpu" and check_values:
         value = float(momentum_tensor)
     else:
         return
@@ -136,38 +127,46 @@ _validated: dict[tuple, None] = {}
 
 @torch.library.custom_op("iwm::ema_update_", mutates_args=("targets",), device_types=None)
 def _ema_update_op(targets: list[torch.Tensor], onlines: list[torch.Tensor], momentum: float,
-                   momentum_tensor: Optional[torch.Tensor], backend: str) -> None:
-    _check_concrete_momentum(momentum, momentum_tensor)
+                   momentum_tensor: Optional[torch.Tensor], backend: str, check_values: bool = True) -> None:
+    _check_concrete_momentum(momentum, momentum_tensor, check_values)
     check_no_overlap(targets, onlines)
     with torch.no_grad():
         run_backend(backend, targets, onlines, momentum, momentum_tensor)
 
 
 @_ema_update_op.register_fake
-def _(targets, onlines, momentum, momentum_tensor, backend) -> None:
+def _(targets, onlines, momentum, momentum_tensor, backend, check_values=True) -> None:
     return None
+
+
+@EMA.implementation("reference")
+def _reference(targets, onlines, momentum, momentum_tensor, key):
+    reference.ema_update_(targets, onlines, momentum, momentum_tensor)  # no launch plan to reuse
+
+
+@EMA.implementation("triton")
+def _triton(targets, onlines, momentum, momentum_tensor, key):
+    from . import triton_kernels  # imported on first use: `import iwm_kernels` never needs triton
+
+    triton_kernels.ema_update_(targets, onlines, momentum, momentum_tensor, key)
+
+
+@EMA.implementation("native")
+def _native(targets, onlines, momentum, momentum_tensor, key):
+    from . import native
+
+    native.ema_update_(targets, onlines, momentum, momentum_tensor, key)
 
 
 def run_backend(backend: str, targets: Sequence[torch.Tensor], onlines: Sequence[torch.Tensor],
                 momentum: float, momentum_tensor: Optional[torch.Tensor], key: Optional[tuple] = None) -> None:
     """Run one named backend on validated inputs (benchmarks call this directly)."""
-    if backend == "reference":
-        reference.ema_update_(targets, onlines, momentum, momentum_tensor)
-    elif backend == "triton":
-        from . import triton_kernels
-
-        triton_kernels.ema_update_(targets, onlines, momentum, momentum_tensor, key)
-    elif backend == "native":
-        from . import native
-
-        native.ema_update_(targets, onlines, momentum, momentum_tensor, key)
-    else:
-        raise ValueError(f"backend: unknown backend {backend!r}")
+    EMA.impl(backend)(targets, onlines, momentum, momentum_tensor, key)
     bump_versions(targets)
 
 
 def ema_update_(target: TensorsOrModule, online: TensorsOrModule, momentum: Union[float, torch.Tensor], *,
-                backend: Optional[str] = None, copy_buffers: bool = False) -> None:
+                backend: Optional[str] = None, copy_buffers: bool = False, check_values: bool = True) -> None:
     """In place, for every floating-point parameter pair: `t <- m * t + (1 - m) * o`.
 
     target, online: two nn.Modules (parameters paired by name, wrapper prefixes such as `module.`
@@ -184,6 +183,9 @@ def ema_update_(target: TensorsOrModule, online: TensorsOrModule, momentum: Unio
         reads it (one sync) and raises ValueError.
     backend: "reference" | "triton" | "native"; default from IWM_KERNELS_BACKEND, else automatic.
     copy_buffers: also copy module buffers (BatchNorm statistics...) from online to target.
+    check_values: False treats a CPU momentum tensor like a device one: read only by the kernel (no
+        host read: a training step computes it from its skip flag, valid by construction); an invalid
+        value then leaves every target unchanged and sets the CPU's momentum error flag.
 
     Every backend bumps the targets' version counters, so a target saved for a pending backward
     makes that backward raise autograd's "modified by an inplace operation" error.
@@ -196,10 +198,15 @@ def ema_update_(target: TensorsOrModule, online: TensorsOrModule, momentum: Unio
     if key is None or key not in _validated:
         _validate(targets, onlines, names)
     device = targets[0].device
-    value, tensor = check_momentum(momentum, "momentum", device)
-    chosen = resolve_backend(backend, device, "ema_update_")
+    if not isinstance(check_values, bool):
+        raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
+    value, tensor = check_momentum(momentum, "momentum", device, check_values=check_values)
+    if tensor is not None and not check_values and tensor.device.type == "cpu":
+        tensor = valid_or_one(tensor)  # read by no one on the host: the device rule, as tensor ops
+    chosen = resolve_backend(backend, device, EMA.name)
     if compiling:
-        _ema_update_op([t.detach() for t in targets], [o.detach() for o in onlines], value, tensor, chosen)
+        _ema_update_op([t.detach() for t in targets], [o.detach() for o in onlines], value, tensor, chosen,
+                       check_values)
         return
     # Eager: skip the custom-op wrapper (hundreds of microseconds for a few hundred tensors) and the
     # checks already passed by this exact set of tensors.

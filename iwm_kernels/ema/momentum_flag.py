@@ -7,8 +7,10 @@ set a sticky per-device int32 flag. Reading the flag is the caller's choice of s
 `raise_if_momentum_was_invalid(device)` raises ValueError (and clears it) when an update was skipped.
 A device-side assert was rejected: it would poison the whole CUDA context.
 
-Python numbers and CPU momentum tensors never get here unchecked: their value is read on the host
-(also inside the compiled op) and a bad one raises ValueError before anything runs.
+Python numbers and CPU momentum tensors are checked on the host instead (also inside the compiled op):
+a bad one raises ValueError before anything runs. The exception is a CPU tensor passed with
+`check_values=False` (a training step's momentum, computed from its skip flag): it follows the rule
+above, with the CPU's flag.
 """
 from __future__ import annotations
 
@@ -33,6 +35,16 @@ def momentum_error_flag(device: Union[str, torch.device]) -> torch.Tensor:
     if flag is None:
         flag = _flags[device] = torch.zeros(1, dtype=torch.int32, device=device)
     return flag
+
+
+def valid_or_one(m: torch.Tensor) -> torch.Tensor:
+    """The rule above with tensor ops, for an unchecked CPU momentum tensor (check_values=False) before
+    any backend sees it (the native CPU op raises on a bad value instead): a value not finite or outside
+    [0, 1] becomes 1 (every target unchanged) and sets the flag. Nothing is read on the host."""
+    valid = (m >= 0) & (m <= 1)  # False for NaN
+    flag = momentum_error_flag(m.device)
+    flag.copy_(flag | ~valid)
+    return torch.where(valid, m, torch.ones_like(m))
 
 
 def raise_if_momentum_was_invalid(device: Union[str, torch.device]) -> None:

@@ -26,13 +26,18 @@ from typing import Optional, Sequence
 import torch
 
 from .._backend import resolve_backend
+from .._registry import Op, Support
 from .._validate import (FLOAT_DTYPES, INDEX_DTYPES, check_cu_seqlens, check_eps, check_index_values,
                          check_tensor, check_token_axis, clamp_cu_seqlens, clamp_index)
 from . import reference
 
 __all__ = ["gather_tokens", "apply_masks", "run_forward", "run_backward"]
 
-_NATIVE_DEVICES = ("cpu",)  # the GPU path is Triton (see native.py)
+# What each backend has code for; no dtype limits (every FLOAT_DTYPES input runs on all three).
+_SUPPORT = {"reference": Support(), "triton": Support(),
+            "native": Support(devices=("cpu",), hint="the triton backend covers CUDA tensors")}
+GATHER = Op("gather_tokens", _SUPPORT)
+APPLY_MASKS = Op("apply_masks", _SUPPORT)  # runs on GATHER's implementations
 
 
 # ---- argument checks ------------------------------------------------------------------------------
@@ -102,21 +107,50 @@ def _check_values(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[tor
 
 # ---- backends ---------------------------------------------------------------------------------------
 
+@GATHER.implementation("reference")
+def _reference_forward(x, index, cu_seqlens, pos, bias, normalize, eps):
+    return reference.gather_tokens(x, index, cu_seqlens, pos=pos, bias=bias, normalize=normalize, eps=eps)
+
+
+@GATHER.implementation("triton")
+def _triton_forward(x, index, cu_seqlens, pos, bias, normalize, eps):
+    from . import triton_kernels  # imported on first use: `import iwm_kernels` never needs triton
+
+    return triton_kernels.gather_tokens(x, index, cu_seqlens, pos, bias, normalize, eps)
+
+
+@GATHER.implementation("native")
+def _native_forward(x, index, cu_seqlens, pos, bias, normalize, eps):
+    from . import native
+
+    return native.gather_tokens(x, index, cu_seqlens, pos, bias, normalize, eps)
+
+
+@GATHER.implementation("reference", "backward")
+def _reference_backward(grad_out, x, index, cu_seqlens, pos, bias, normalize, eps, needs, index_sorted):
+    return reference.gather_tokens_backward(grad_out, x, index, cu_seqlens, pos, bias, normalize, eps, needs)
+
+
+@GATHER.implementation("triton", "backward")
+def _triton_backward(grad_out, x, index, cu_seqlens, pos, bias, normalize, eps, needs, index_sorted):
+    from . import triton_kernels
+
+    return triton_kernels.gather_tokens_backward(grad_out, x, index, cu_seqlens, pos, bias, normalize, eps,
+                                                 needs, index_sorted)
+
+
+@GATHER.implementation("native", "backward")
+def _native_backward(grad_out, x, index, cu_seqlens, pos, bias, normalize, eps, needs, index_sorted):
+    from . import native
+
+    return native.gather_tokens_backward(grad_out, x, index, cu_seqlens, pos, bias, normalize, eps, needs)
+
+
 def run_forward(backend: str, x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
                 pos: Optional[torch.Tensor], bias: Optional[torch.Tensor], normalize: bool, eps: float
                 ) -> torch.Tensor:
     """One named backend on validated inputs (benchmarks call this directly)."""
-    if backend == "reference":
-        return reference.gather_tokens(x, index, cu_seqlens, pos=pos, bias=bias, normalize=normalize, eps=eps)
-    if backend == "triton":
-        from . import triton_kernels
-
-        return triton_kernels.gather_tokens(x, index, cu_seqlens, pos, bias, normalize, eps)
-    if backend == "native":
-        from . import native
-
-        return native.gather_tokens(x, index, cu_seqlens, pos, bias, normalize, eps)
-    raise ValueError(f"backend: unknown backend {backend!r}")
+    return GATHER.impl(backend)(x, index, cu_seqlens, pos, bias, normalize, eps)
 
 
 def run_backward(backend: str, grad_out: torch.Tensor, x: torch.Tensor, index: torch.Tensor,
@@ -124,22 +158,11 @@ def run_backward(backend: str, grad_out: torch.Tensor, x: torch.Tensor, index: t
                  normalize: bool, eps: float, needs: tuple[bool, bool, bool], index_sorted: bool = False
                  ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(dx, dpos, dbias) from one named backend; None where not needed. Without `normalize`, x, pos and
-    bias may be zero-stride stand-ins (only their shapes and dtypes are used)."""
+    bias may be zero-stride stand-ins (only their shapes and dtypes are used). index_sorted: the
+    destination keys never decrease (the Triton backward then skips its sort; the others ignore it)."""
     needs = (needs[0], needs[1] and pos is not None, needs[2] and bias is not None)
-    if backend == "reference":
-        grads = reference.gather_tokens_backward(grad_out, x, index, cu_seqlens, pos, bias, normalize, eps, needs)
-    elif backend == "triton":
-        from . import triton_kernels
-
-        grads = triton_kernels.gather_tokens_backward(grad_out, x, index, cu_seqlens, pos, bias, normalize, eps,
-                                                      needs, index_sorted)
-    elif backend == "native":
-        from . import native
-
-        grads = native.gather_tokens_backward(grad_out, x, index, cu_seqlens, pos, bias, normalize, eps, needs)
-    else:
-        raise ValueError(f"backend: unknown backend {backend!r}")
-    dx, dpos, dbias = grads
+    dx, dpos, dbias = GATHER.impl(backend, "backward")(grad_out, x, index, cu_seqlens, pos, bias, normalize, eps,
+                                                        needs, index_sorted)
     if dx is not None and dpos is not None and dx.untyped_storage().data_ptr() == dpos.untyped_storage().data_ptr():
         dx = dx.clone()  # a shared x and pos get the same sums: never hand out one buffer as two gradients
     return dx, dpos, dbias
@@ -270,7 +293,7 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor, cu_seqlens: Optional[tor
     eps = check_eps(eps)
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
-    chosen = resolve_backend(backend, x.device, "gather_tokens", native_devices=_NATIVE_DEVICES)
+    chosen = resolve_backend(backend, x.device, GATHER.name)
     index_sorted = False
     if not check_values:
         index, cu_seqlens = _clamp_values(x, index, cu_seqlens)
@@ -302,7 +325,7 @@ def apply_masks(x: torch.Tensor, masks: Sequence[torch.Tensor], *, backend: Opti
     check_token_axis(n, masks[0].numel(), "x", "masks")
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
-    chosen = resolve_backend(backend, x.device, "apply_masks", native_devices=_NATIVE_DEVICES)
+    chosen = resolve_backend(backend, x.device, APPLY_MASKS.name)
     if not check_values:
         masks = [clamp_index(m, n) for m in masks]
     if torch.compiler.is_compiling():

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .._backend import resolve_backend
+from .._registry import Op, Support
 from .._validate import (OUTPUT_DTYPES, check_channel_values, check_dtype_choice, check_image_batch,
                          check_param_table, check_same_device)
 from . import reference
@@ -129,23 +130,39 @@ def _check_plan(plan: object, views: int, batch: int) -> BlurPlan:
     return plan
 
 
+PHOTOMETRIC = Op("photometric", {
+    "reference": Support(), "triton": Support(),
+    "native": Support(devices=("cpu",), hint="the triton backend covers CUDA tensors"),
+}, dtype_arg="images")
+
+
+@PHOTOMETRIC.implementation("reference")
+def _reference(images, params, mean, std, out_dtype, plan):
+    # No plan: the reference blurs each image by its own sigma.
+    return reference.photometric_views(images, params.to(images.device), mean, std, out_dtype)
+
+
+@PHOTOMETRIC.implementation("triton")
+def _triton(images, params, mean, std, out_dtype, plan):
+    from . import triton_kernels  # imported on first use: `import iwm_kernels` never needs triton
+
+    plan = blur_plan(params) if plan is None else plan
+    return triton_kernels.photometric_views(images, params.to(images.device), plan, mean, std, out_dtype)
+
+
+@PHOTOMETRIC.implementation("native")
+def _native(images, params, mean, std, out_dtype, plan):
+    from . import native
+
+    plan = blur_plan(params) if plan is None else plan
+    return native.photometric_views(images, params, plan, mean, std, out_dtype)
+
+
 def run_backend(backend: str, images: torch.Tensor, params: torch.Tensor, mean: Sequence[float],
                 std: Sequence[float], out_dtype: torch.dtype, plan: Optional[BlurPlan] = None) -> torch.Tensor:
     """Validated images [B, 3, H, W], params [V, B, NUM_PARAMS] -> [V, B, 3, H, W] (benchmarks call this).
     plan: the blur plan when made beforehand (None: from the parameters, a host read of their sigmas)."""
-    if backend == "reference":
-        return reference.photometric_views(images, params.to(images.device), mean, std, out_dtype)
-    if backend == "triton":
-        from . import triton_kernels
-
-        plan = blur_plan(params) if plan is None else plan
-        return triton_kernels.photometric_views(images, params.to(images.device), plan, mean, std, out_dtype)
-    if backend == "native":
-        from . import native
-
-        plan = blur_plan(params) if plan is None else plan
-        return native.photometric_views(images, params, plan, mean, std, out_dtype)
-    raise ValueError(f"backend: unknown backend {backend!r}")
+    return PHOTOMETRIC.impl(backend)(images, params, mean, std, out_dtype, plan)
 
 
 @torch.library.custom_op("iwm::photometric", mutates_args=(), device_types=None)
@@ -159,10 +176,6 @@ def _photometric_op(images: torch.Tensor, params: torch.Tensor, mean: list[float
 def _(images, params, mean, std, out_dtype, backend):
     return images.new_empty((params.shape[0], images.shape[0], 3, images.shape[2], images.shape[3]),
                             dtype=out_dtype)
-
-
-def _resolve(backend: Optional[str], device: torch.device) -> str:
-    return resolve_backend(backend, device, "photometric", native_devices=("cpu",))  # no native CUDA kernel
 
 
 def _views(images, tables, names, mean, std, out_dtype, backend, plan=None, check_values=True) -> torch.Tensor:
@@ -180,7 +193,7 @@ def _views(images, tables, names, mean, std, out_dtype, backend, plan=None, chec
     mean = check_channel_values(mean, "mean")
     std = check_channel_values(std, "std", positive=True)
     check_dtype_choice(out_dtype, "out_dtype", OUTPUT_DTYPES)
-    chosen = _resolve(backend, images.device)
+    chosen = resolve_backend(backend, images.device, PHOTOMETRIC.name)
     params = torch.stack([t.detach() for t in tables]) if len(tables) > 1 else tables[0].detach().unsqueeze(0)
     if torch.compiler.is_compiling():
         return _photometric_op(images, params, mean, std, out_dtype, chosen)
