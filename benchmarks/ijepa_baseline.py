@@ -99,22 +99,31 @@ def predictor_forward(pred: nn.Module, x: torch.Tensor, masks_x: list[torch.Tens
 
 
 class IJEPAForward(nn.Module):
-    """I-JEPA's forward_target, forward_context and loss_fn on an `IWM`'s weights: returns the loss."""
+    """I-JEPA's forward_target, forward_context and loss_fn on an `IWM`'s weights: returns the loss.
+    Its parts are methods so that `benchmarks.phase_flops` can count each on its own."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
+    @torch.no_grad()
+    def targets(self, target, masks_enc, masks_pred):
+        """forward_target: the whole view, layer_norm, the target rows, repeated per context mask."""
+        h = encoder_forward(self.model.target_encoder, target)
+        h = F.layer_norm(h, (h.size(-1),))
+        batch = len(h)
+        h = apply_masks(h, masks_pred)
+        return repeat_interleave_batch(h, batch, repeat=len(masks_enc))
+
+    def context(self, source, masks_enc):
+        return encoder_forward(self.model.encoder, source, masks_enc)
+
+    def predict(self, z, masks_enc, masks_pred, action=None):
+        return predictor_forward(self.model.predictor, z, masks_enc, masks_pred, action)
+
     def forward(self, source, target, masks_enc, masks_pred, action=None):
-        m = self.model
-        with torch.no_grad():
-            h = encoder_forward(m.target_encoder, target)
-            h = F.layer_norm(h, (h.size(-1),))
-            batch = len(h)
-            h = apply_masks(h, masks_pred)
-            h = repeat_interleave_batch(h, batch, repeat=len(masks_enc))
-        z = encoder_forward(m.encoder, source, masks_enc)
-        z = predictor_forward(m.predictor, z, masks_enc, masks_pred, action)
+        h = self.targets(target, masks_enc, masks_pred)
+        z = self.predict(self.context(source, masks_enc), masks_enc, masks_pred, action)
         return F.smooth_l1_loss(z.float(), h.float())
 
 

@@ -107,3 +107,63 @@ def test_faithful_baseline_flops_match_torch_flop_counter(seed, conditioning):
     packed = flops.step_flops(model, *flops.mask_lengths(masks.truncated()), shared=False)
     assert packed.encoder == ours.encoder and packed.target_encoder == ours.target_encoder
     assert (packed.predictor == ours.predictor) == (conditioning != "feature")
+
+
+# ---- per-phase accounting: FLOPs computed (FlopCounterMode on the real step) against FLOPs needed --------
+
+def _views(batch):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 3, 64, 64, generator=g), torch.randn(batch, 3, 64, 64, generator=g),
+            torch.randn(batch, 7, generator=g))
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["repeated", "shared"])
+@pytest.mark.parametrize("conditioning", ["none", "feature", "sequence"])
+def test_no_phase_computes_more_than_its_tokens_need(seed, shared, conditioning):
+    """Our step on the sampler's ragged masks (automatic backends: native attention on the CPU): every
+    phase within 1.1x of what its tokens need; no padded pairs, no padded rows in the linears."""
+    from benchmarks import phase_flops
+
+    model = IWM.from_preset("tiny", shared_context=shared, conditioning=conditioning)
+    batch = 4
+    masks = MultiBlockMaskSampler(8, min_keep=4, seed=seed).sample(batch, 0)
+    x, y, a = _views(batch)
+    phases = phase_flops.ours(model, x, y, masks, a if conditioning != "none" else None)
+    assert [p.name for p in phases] == list(phase_flops.PHASES)
+    for p in phases:
+        assert p.needed > 0 and 0.99 <= p.ratio <= phase_flops.LIMIT, (p.name, p.ratio)
+    assert all(q.grad is None for q in model.parameters())
+
+
+def test_phase_accounting_sees_padding(monkeypatch, seed):
+    """The padded path (what runs without Python lengths) computes padded (query, key) pairs, and the
+    accounting shows it: the check above can fail."""
+    from benchmarks import phase_flops
+    from iwm_kernels.attention import native
+
+    monkeypatch.setattr(native, "LOOP_MAX_SEQS", 0)
+    model = IWM.from_preset("tiny", shared_context=True, conditioning="none")
+    masks = MultiBlockMaskSampler(8, min_keep=4, seed=seed).sample(4, 0)
+    x, y, _ = _views(4)
+    ratios = {p.name: p.ratio for p in phase_flops.ours(model, x, y, masks)}
+    assert ratios["attention"] > phase_flops.LIMIT
+    assert ratios["target encoder"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("conditioning", ["none", "feature"])
+def test_baseline_phases_equal_ours_at_equal_work(seed, conditioning):
+    """The faithful I-JEPA step computes what its tokens need, and at equal work (truncated masks,
+    repeated layout) each phase's count equals ours (except the baseline's unsplit action MLP)."""
+    from benchmarks import phase_flops
+
+    model = IWM.from_preset("tiny", conditioning=conditioning)
+    masks = MultiBlockMaskSampler(8, min_keep=4, seed=seed).sample(3, 0)
+    x, y, a = _views(3)
+    a = a if conditioning != "none" else None
+    base = phase_flops.baseline(IJEPAForward(model), x, y, *masks.to_ijepa(), a)
+    ours = phase_flops.ours(model, x, y, masks.truncated(), a)
+    for b, o in zip(base, ours):
+        # (ours' backward skips the input gradient of the split action MLP's per-position part: a hair under 1)
+        assert b.ratio == pytest.approx(1.0) and o.ratio == pytest.approx(1.0, rel=1e-4), (b.name, b.ratio, o.ratio)
+        if conditioning == "none" or b.name in ("target encoder", "context encoder", "attention"):
+            assert b.computed == o.computed, b.name

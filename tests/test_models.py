@@ -1,7 +1,6 @@
 """Model layer: I-JEPA parity (dense transcriptions written here from the published semantics), packed
 ragged paths against per-sample loops, conditioning, presets, checkpoint loading, bad batches."""
 import copy
-import math
 
 import pytest
 import torch

@@ -50,8 +50,10 @@ Measures: step ms (median over the timed steps, warm-up and compilation excluded
 (CUDA: max allocated; CPU: the process's peak resident set during the timed steps), the context and
 target tokens per step, and model FLOPs: `benchmarks.flops` counts the step's FLOPs from each
 variant's own masks and layout, and the report divides the achieved rate by the matmul ceiling
-measured in the same run (MFU). Breakdown: CUDA events (GPU) or the wall clock (CPU) at the boundaries
-of the phases below, read after each step's final synchronisation; the phases of a compiled forward
+measured in the same run (MFU); per phase (target encoder, context encoder, predictor, attention,
+backward) the FLOPs computed against the FLOPs its tokens need (`benchmarks.phase_flops`, the worst
+phase in the row's text, all phases in its `flop_phases`). Breakdown: CUDA events (GPU) or the wall
+clock (CPU) at the boundaries of the phases below, read after each step's final synchronisation; the phases of a compiled forward
 are not separable (one "forward" phase).
 """
 from __future__ import annotations
@@ -74,7 +76,7 @@ from iwm.builders import build_optimizer, param_groups
 from iwm.step import TrainStep
 from iwm_kernels import use_backend
 
-from .. import ijepa_baseline
+from .. import ijepa_baseline, phase_flops
 from ..common import Row, TimeLimitExceeded, quiet_compile, time_left, time_limit
 from ..flops import mask_lengths, step_flops
 from ..ijepa_baseline import IJEPAForward
@@ -315,6 +317,22 @@ class StepBench:
     def flops(self, variant: Variant, steps: range) -> float:
         return self.work(variant, steps).flops
 
+    def flop_phases(self, variant: Variant) -> list:
+        """Per-phase FLOPs computed (FlopCounterMode over one eager forward and backward of the variant,
+        step 0) against what its tokens need (`benchmarks.phase_flops`). Call with the variant's layout
+        set (after make_step); leaves no gradients behind."""
+        case, device, model = self.case, self.device, self.model
+        params = aug.sample_view_params(case.batch, self.aug_cfg, aug.generator_for_step(0, 0))
+        source, target = aug.render_views(self.host_images.to(device), params, self.aug_cfg, backend="reference")
+        action = aug.action_from_params(params).to(device) if model.conditioning != "none" else None
+        masks = self.masks_for(variant, 0)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.bf16):
+            if variant.impl == "ijepa":
+                enc, pred = ([m.to(device) for m in ms] for ms in masks)
+                return phase_flops.baseline(IJEPAForward(model), source, target, enc, pred, action)
+            with use_backend(variant.backend):
+                return phase_flops.ours(model, source, target, masks.to(device), action)
+
     def optimizer_for(self, variant: Variant) -> torch.optim.Optimizer:
         """Ours: the optimiser iwm.train builds (fused AdamW); the baseline: torch's default AdamW on
         I-JEPA's four groups, as I-JEPA builds it; the reference-kernel variant: torch's default AdamW on
@@ -439,6 +457,7 @@ class StepBench:
         step, cleanup = self.make_step(variant, optimizer, marks)
         totals, phases = [], []
         try:
+            accounting = self.flop_phases(variant)
             with quiet_compile():
                 t0 = time.perf_counter()
                 limit = min(case.compile_limit_s, max(time_left(), 1.0)) if variant.compiled else None
@@ -468,6 +487,7 @@ class StepBench:
             optimizer.zero_grad(set_to_none=True)
             del optimizer
         ms = statistics.median(totals)
+        worst = phase_flops.worst(accounting)
         peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
                 else _peak_rss_mb() if rss_ok else None)
         names = [p for p in PHASES if any(p in s for s in phases)]
@@ -478,6 +498,8 @@ class StepBench:
                               "context tokens": work.context_tokens, "target tokens": work.target_tokens,
                               "model GFLOP/step": work.flops / 1e9,
                               "warm-up s" + (" incl. compile" if variant.compiled else ""): warm_s,
+                              "FLOPs computed/needed (worst phase)": f"{worst.ratio:.2f} ({worst.name})",
+                              "flop_phases": phase_flops.as_dict(accounting),
                               "breakdown_ms": breakdown})
 
     def losses_at_step0(self) -> dict[str, float]:

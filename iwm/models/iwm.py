@@ -102,7 +102,8 @@ class IWM(nn.Module):
             targets = self.targets(target, masks, backend)
         longest = masks.longest_context if vouched else None
         context = self.encoder(source, masks.context_index, cu_seqlens=masks.context_cu, max_seqlen=longest,
-                               backend=backend, check_values=not vouched)
+                               backend=backend, check_values=not vouched,
+                               seq_lengths=masks.context_sizes if vouched else None)
         pred = self.predictor(context, masks, action=action, backend=backend)
         if self.loss_name == "l2":
             loss = F.mse_loss(pred.float(), targets.float())

@@ -34,12 +34,23 @@ from torch import nn
 
 import iwm_kernels
 from iwm_kernels import pack_predictor_sequences, unpack_targets
+from iwm_kernels.attention.layout import attach_lengths
 
 from .pos_embed import sincos_2d
 from .vit import Block, init_vit_weights, rescale_blocks
 
 ACTION_DIM = 7
 CONDITIONING = ("none", "feature", "sequence")
+
+
+def _sequence_lengths(mb, shared: bool, extra: int) -> tuple[list[int], Optional[list[tuple[int, ...]]]]:
+    """(lengths, segment lengths or None) of the sequences `pack_predictor_sequences` makes, from a
+    MaskBatch's Python sizes: shared, [context + extra | block 1 | ... | block M] per sample."""
+    ctx, tgt, m = mb.context_sizes, mb.target_sizes, mb.num_targets
+    if shared:
+        segments = [(ctx[b] + extra,) + tuple(tgt[b * m:(b + 1) * m]) for b in range(mb.batch_size)]
+        return [sum(s) for s in segments], segments
+    return [ctx[b] + extra + tgt[b * m + j] for b in range(mb.batch_size) for j in range(m)], None
 
 
 class ActionMLP(nn.Module):
@@ -173,6 +184,8 @@ class VisionTransformerPredictor(nn.Module):
         packed = pack_predictor_sequences(x, mb.context_cu, tokens, mb.target_cu, num_targets,
                                           shared_context=shared, extra=extra, extra_cu=extra_cu,
                                           max_seqlen=longest, check_values=checked)
+        if not checked and mb.context_sizes is not None and mb.target_sizes is not None:
+            attach_lengths(packed.cu_seqlens, *_sequence_lengths(mb, shared, 0 if extra is None else self.action_dim))
         h = packed.x
         for block in self.predictor_blocks:
             h = block(h, packed.cu_seqlens, packed.max_seqlen, segment_ids=packed.segment_ids, backend=backend,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
 import iwm_kernels
 from iwm_kernels import VarlenSelfAttention
+from iwm_kernels.attention.layout import attach_lengths
 
 from .pos_embed import sincos_2d
 
@@ -141,7 +142,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor, masks=None, *, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, backend: Optional[str] = None,
-                check_values: bool = True) -> torch.Tensor:
+                check_values: bool = True, seq_lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
         """Encode images.
 
         - `forward(images)` -> `[B, N, D]` (every patch).
@@ -153,6 +154,8 @@ class VisionTransformer(nn.Module):
         max_seqlen: the longest packed sequence (a Python int >= it), or None to read it from
         cu_seqlens (a host sync). check_values=False: index and offsets are vouched for (a sampler's
         MaskBatch, `validated`): with max_seqlen given, nothing is read back from the device.
+        seq_lengths: the packed sequences' lengths as Python ints, if known (a MaskBatch's
+        `context_sizes`): the CPU attention then runs per sequence instead of padded (no read either way).
         """
         self._check_images(images)
         tokens = self.patch_embed(images)
@@ -170,6 +173,8 @@ class VisionTransformer(nn.Module):
             raise ValueError("cu_seqlens: required with a packed index (or pass I-JEPA's list of [B, K] masks)")
         x = iwm_kernels.gather_tokens(tokens, masks, cu_seqlens, pos=self.pos_embed, backend=backend,
                                       check_values=check_values)
+        if seq_lengths is not None:
+            attach_lengths(cu_seqlens, seq_lengths)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         for block in self.blocks:

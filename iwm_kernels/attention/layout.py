@@ -40,6 +40,8 @@ class Layout:
     longest: int                           # longest sequence (checked), or the caller's bound (unchecked)
     checked: bool = True                   # values validated (False: vouched for, not read)
     source_cu: Optional[torch.Tensor] = None  # the caller's offsets when cu_seqlens is their clamped copy
+    host_lengths: Optional[tuple] = None   # the sequence lengths as Python ints, when known without a read
+    host_segments: Optional[tuple] = None  # per sequence, its segments' lengths (segment 0 first), if known
     _cache: dict = field(default_factory=dict, repr=False)
 
     def _get(self, key, make):
@@ -109,6 +111,42 @@ class Layout:
         return int((ctx + (hi.long() - lo.long())).sum())
 
 
+# Lengths as Python ints, attached to an offsets tensor by a caller that knows them (a sampler's MaskBatch
+# carries them): the native CPU path then runs its calls on views of the packed rows, without padding
+# (iwm_kernels.attention.native). Stored on the tensor with its version counter, so an in-place change
+# drops them; nothing is read back from the device.
+_HOST_LENGTHS = "_iwm_host_lengths"
+
+
+def attach_lengths(cu_seqlens: torch.Tensor, lengths, segments=None) -> None:
+    """Record the lengths of the sequences cu_seqlens delimits, as Python ints (the caller vouches
+    for them; only their count is checked here, their sum against the packed rows in `prepare`).
+    segments: optionally, per sequence, the lengths of its segments in order (segment 0 first), for a
+    layout with segment_ids: the CPU path then computes only the visible pairs."""
+    if torch.compiler.is_compiling() or cu_seqlens.is_inference():
+        return  # a graph cannot carry them; inference tensors have no version counter
+    lengths = tuple(lengths)
+    if len(lengths) != cu_seqlens.numel() - 1 or any(not isinstance(n, int) or n < 0 for n in lengths):
+        raise ValueError(f"lengths: expected {cu_seqlens.numel() - 1} non-negative ints (one per sequence of "
+                         f"cu_seqlens), got {len(lengths)}")
+    if segments is not None:
+        segments = tuple(tuple(s) for s in segments)
+        if len(segments) != len(lengths) or any(sum(s) != n for s, n in zip(segments, lengths)):
+            raise ValueError("segments: expected one tuple of segment lengths per sequence, summing to its length")
+    setattr(cu_seqlens, _HOST_LENGTHS, (cu_seqlens._version, lengths, segments))
+
+
+def _attached(cu_seqlens: torch.Tensor, total: int, bound: int) -> tuple[Optional[tuple], Optional[tuple]]:
+    """(lengths, segment lengths) attached to cu_seqlens, or None for what is not known."""
+    entry = getattr(cu_seqlens, _HOST_LENGTHS, None)
+    if entry is None or cu_seqlens.is_inference() or entry[0] != cu_seqlens._version:
+        return None, None
+    lengths = entry[1]
+    if sum(lengths) != total or max(lengths, default=0) > bound:
+        return None, None  # not this layout's: the padded path serves it
+    return lengths, entry[2]
+
+
 _cache: "dict[tuple, tuple]" = {}
 _MAX_ENTRIES = 4
 
@@ -148,13 +186,16 @@ def prepare(cu_seqlens: torch.Tensor, segment_ids: Optional[torch.Tensor], total
             if segment_ids is not None:
                 check_segment_ids(segment_ids, "segment_ids", cu_seqlens, total)
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-            longest = int(lengths.max()) if num_seqs else 0
-            layout = Layout(cu_seqlens, segment_ids, total, num_seqs, longest)
+            host = tuple(lengths.tolist())  # read for the check anyway
+            longest = max(host, default=0)
+            layout = Layout(cu_seqlens, segment_ids, total, num_seqs, longest, host_lengths=host)
         else:
             check_max_seqlen(max_seqlen, "max_seqlen")
             safe = clamp_cu_seqlens(cu_seqlens, total)
             lengths = (safe[1:] - safe[:-1]).long()
-            layout = Layout(safe, segment_ids, total, num_seqs, int(max_seqlen), checked=False, source_cu=cu_seqlens)
+            host, segments = _attached(cu_seqlens, total, int(max_seqlen))
+            layout = Layout(safe, segment_ids, total, num_seqs, int(max_seqlen), checked=False, source_cu=cu_seqlens,
+                            host_lengths=host, host_segments=segments if segment_ids is not None else None)
         layout._cache["lengths"] = lengths
         if cacheable:
             _cache[keys[-1]] = (layout, cu_seqlens._version, segment_ids._version if segment_ids is not None else None)

@@ -1,19 +1,28 @@
-"""Native varlen attention: the packed sequences padded to [num_seqs, longest] and one
-`F.scaled_dot_product_attention` call with a boolean mask built from the layout.
+"""Native varlen attention: pure PyTorch over `F.scaled_dot_product_attention`, which on the CPU is
+ATen's fused flash-attention kernel (blocked, OpenMP-parallel, fp32 accumulation, fused backward).
 
-This is pure PyTorch on purpose. On the CPU, SDPA dispatches to ATen's fused flash-attention kernel
-(blocked, OpenMP-parallel, fp32 accumulation, fused backward), which accepts the boolean mask. A C++
-kernel of ours could save two things: the padding (the benchmark's "padding overhead" figure: about
-1.3x the useful pairs at ViT-B predictor shapes) and, in shared-context mode, the fully masked blocks.
-The second was tried in PyTorch (one SDPA call over the context groups, one over the target blocks
-against [context, own block]: ~1.9x fewer pairs) and measured on the 2-core development machine (B=8,
-12 heads of 32, forward+backward): no faster than the padded call, because ATen's kernel works in query
-blocks of 64+ rows while the target blocks are ~30 tokens. A hand-written C++ kernel would first have
-to match ATen's blocked GEMMs before its savings showed, so the padded call stays; equal-length layouts
-(I-JEPA's truncated masks) skip the padding. On CUDA the same code runs through SDPA's CUDA backends
-(the Triton kernels are the fast path there). The forward is differentiable through autograd (eager
-use); the explicit backward below serves the custom op under torch.compile, where autograd cannot
-record.
+How a layout runs (first that applies):
+- equal lengths, no segments (I-JEPA's truncated masks): one call on views of the packed rows;
+- lengths known as Python ints (`Layout.host_lengths`: the model attaches a sampler's MaskBatch sizes
+  with `layout.attach_lengths`, or a checked layout read them), on the CPU, at most LOOP_MAX_SEQS
+  sequences: no padding. Plain varlen: one call per run of consecutive equal-length sequences (the
+  repeated predictor's M blocks of a sample share one), on views. Segments with known segment lengths:
+  on the shared layout of truncated masks (every sequence [context | M equal blocks]) two batched calls,
+  the contexts over themselves and every block over [its context, itself]; otherwise per sequence, the
+  context, then each block over [context, block]. Only the visible pairs are computed;
+- otherwise: the sequences padded to [num_seqs, longest] and one call with a boolean mask (padded rows
+  and masked pairs are computed and thrown away).
+
+Measured on the 2-core development machine, one thread (CPU time, forward+backward, I-JEPA's ViT-Ti/16
+masks, B=32): the context encoder's 32 ragged sequences (66-122 tokens, 3 heads of 64) 17 ms per layer
+against 27 ms padded; the repeated predictor's 128 (102-158, 3 heads of 32) 67 ms against 109 ms; the
+shared predictor on truncated masks 27 ms against 37 ms padded and 32 ms per sequence with a mask.
+Bucketing by length (2-8 padded calls) was no faster than one padded call: the pad copies dominate.
+Caveat: each call opens an OpenMP parallel region, and on cores busy with other processes a region
+waits for a descheduled thread; there the many small calls lose to the one padded call.
+On CUDA the padded call runs (the Triton kernels are the fast path there). The forward is
+differentiable through autograd (eager use); the explicit backward below serves the custom op under
+torch.compile, where autograd cannot record.
 """
 from __future__ import annotations
 
@@ -23,6 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from .layout import Layout
+
+
+# Above this many sequences the per-sequence calls' Python and dispatch overhead (~20 us each, forward
+# and backward) outgrows what the padding costs at short lengths; the padded call runs instead.
+LOOP_MAX_SEQS = 512
 
 
 def _padded_rows(layout: Layout) -> torch.Tensor:
@@ -90,6 +104,118 @@ def mask(layout: Layout) -> Optional[torch.Tensor]:
     return layout._get("native_mask", make)
 
 
+def _per_sequence_masks(layout: Layout) -> list:
+    """[1, 1, n, n] boolean visibility of each sequence (segments), or None per sequence (plain varlen)."""
+    def make():
+        if layout.segment_ids is None:
+            return [None] * layout.num_seqs
+        out = []
+        for seg in layout.segment_ids.split(layout.host_lengths):
+            # the context (segment 0) sees itself; a block sees the context and itself
+            out.append(((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))[None, None])
+        return out
+    return layout._get("per_sequence_masks", make)
+
+
+def uses_per_sequence(layout: Layout, q: torch.Tensor) -> bool:
+    """Whether `varlen_attention` runs one call per sequence for this layout (see the module docstring)."""
+    return (layout.host_lengths is not None and q.device.type == "cpu" and layout.num_seqs <= LOOP_MAX_SEQS)
+
+
+def _sdpa_rows(q, k, v, scale: float, dropout_p: float, mask=None) -> torch.Tensor:
+    """Attention of [n, H, Dh] query rows over [m, H, Dh] key rows (views -> [1, H, n, Dh]: SDPA reads
+    the strided rows, no copy) -> [n, H, Dh]."""
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                       attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return o[0].transpose(0, 1)
+
+
+def _attention_per_segment(q, k, v, layout: Layout, scale: float, dropout_p: float) -> torch.Tensor:
+    """Shared-context layouts with known segment lengths: per sequence, the context over itself, then
+    each block over [context, block] (its keys copied together): only the visible pairs."""
+    outs = []
+    for qs, ks, vs, pieces in zip(q.split(layout.host_lengths), k.split(layout.host_lengths),
+                                  v.split(layout.host_lengths), layout.host_segments):
+        c = pieces[0]
+        qp, kp, vp = qs.split(pieces), ks.split(pieces), vs.split(pieces)
+        if c:
+            outs.append(_sdpa_rows(qp[0], kp[0], vp[0], scale, dropout_p))
+        for qb, kb, vb in zip(qp[1:], kp[1:], vp[1:]):
+            if qb.shape[0]:
+                outs.append(_sdpa_rows(qb, torch.cat([kp[0], kb]), torch.cat([vp[0], vb]), scale, dropout_p))
+    return torch.cat(outs)
+
+
+def _uniform_segments(layout: Layout) -> Optional[tuple]:
+    """(context, blocks, block length) when every sequence is [context | M equal blocks] alike (the
+    shared layout on truncated masks), else None."""
+    pieces = layout.host_segments[0] if layout.host_segments else ()
+    if len(pieces) < 2 or pieces[0] == 0 or pieces[1] == 0 or len(set(pieces[1:])) != 1:
+        return None
+    if any(p != pieces for p in layout.host_segments):
+        return None
+    return pieces[0], len(pieces) - 1, pieces[1]
+
+
+def _attention_uniform_segments(q, k, v, layout: Layout, scale: float, dropout_p: float, shape) -> torch.Tensor:
+    """Two batched calls, only the visible pairs: every context over itself ([S, c] views), then every
+    block over [its context, itself] (keys copied together, [S * M, c + t])."""
+    c, m, t = shape
+    S, (T, H, D) = layout.num_seqs, q.shape
+    # [S, L, H, D] views split into context and blocks (split, not slicing: its backward is one cat,
+    # where each slice's would fill a zero tensor of the whole)
+    (qc, qb), (kc, kb), (vc, vb) = (x.unflatten(0, (S, c + m * t)).split([c, m * t], 1) for x in (q, k, v))
+    heads = lambda x: x.transpose(1, 2)                                        # noqa: E731
+    ctx = F.scaled_dot_product_attention(heads(qc), heads(kc), heads(vc), dropout_p=dropout_p,
+                                         scale=scale).transpose(1, 2)         # [S, c, H, D]
+
+    def with_context(xc, xb):
+        keys = torch.cat([xc.unsqueeze(1).expand(S, m, c, H, D), xb.unflatten(1, (m, t))], 2)
+        return keys.reshape(S * m, c + t, H, D)
+    out = F.scaled_dot_product_attention(heads(qb.reshape(S * m, t, H, D)), heads(with_context(kc, kb)),
+                                         heads(with_context(vc, vb)), dropout_p=dropout_p, scale=scale).transpose(1, 2)
+    return torch.cat([ctx, out.reshape(S, m * t, H, D)], 1).reshape(T, H, D)
+
+
+def _equal_length_runs(layout: Layout) -> list:
+    """(sequences, length) of each run of consecutive sequences of one length: one call serves a run
+    (the repeated predictor's M blocks of a sample share a length)."""
+    def make():
+        runs = []
+        for n in layout.host_lengths:
+            if runs and runs[-1][1] == n:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, n])
+        return [tuple(r) for r in runs]
+    return layout._get("equal_length_runs", make)
+
+
+def _attention_per_sequence(q, k, v, layout: Layout, scale: float, dropout_p: float) -> torch.Tensor:
+    if layout.segment_ids is not None:
+        if layout.host_segments is not None:
+            shape = _uniform_segments(layout)
+            if shape is not None:
+                return _attention_uniform_segments(q, k, v, layout, scale, dropout_p, shape)
+            return _attention_per_segment(q, k, v, layout, scale, dropout_p)
+        outs = []
+        for qs, ks, vs, m, n in zip(q.split(layout.host_lengths), k.split(layout.host_lengths),
+                                    v.split(layout.host_lengths), _per_sequence_masks(layout), layout.host_lengths):
+            if n:
+                outs.append(_sdpa_rows(qs, ks, vs, scale, dropout_p, m))
+        return torch.cat(outs)
+    runs = _equal_length_runs(layout)
+    sizes = [r * n for r, n in runs]
+    outs = []
+    for qs, ks, vs, (r, n) in zip(q.split(sizes), k.split(sizes), v.split(sizes), runs):
+        if n:
+            # [r * n, H, Dh] views -> [r, H, n, Dh]: SDPA reads the strided rows, no copy
+            qr, kr, vr = (x.unflatten(0, (r, n)).transpose(1, 2) for x in (qs, ks, vs))
+            o = F.scaled_dot_product_attention(qr, kr, vr, dropout_p=dropout_p, scale=scale)
+            outs.append(o.transpose(1, 2).reshape(r * n, *q.shape[1:]))
+    return torch.cat(outs)
+
+
 # Autocast is off inside, as in the reference and the Triton kernels: the output has q's dtype and the
 # accumulation is fp32 whatever autocast region the call sits in (SDPA alone would run fp32 inputs in
 # bf16 under CPU autocast). Inputs that autocast already lowered (the module's qkv projection) stay low.
@@ -105,6 +231,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         qp, kp, vp = (x.view(S, L, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         out = F.scaled_dot_product_attention(qp, kp, vp, dropout_p=dropout_p, scale=scale)
         return out.transpose(1, 2).reshape(q.shape)
+    if uses_per_sequence(layout, q):
+        return _attention_per_sequence(q, k, v, layout, scale, dropout_p)
     qp, kp, vp = _pad(q, layout), _pad(k, layout), _pad(v, layout)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask(layout), dropout_p=dropout_p, scale=scale)
     return _unpad(out, layout)
