@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from iwm.masks import mix_seed
+from iwm import rng
 
 
 class IJEPAMaskCollator:
@@ -72,7 +72,7 @@ class IJEPAMaskCollator:
         gen = torch.Generator().manual_seed(step)
         pred_size = self._block_size(gen, self.pred_mask_scale, self.aspect_ratio)
         enc_size = self._block_size(gen, self.enc_mask_scale, (1.0, 1.0))
-        pos_gen = torch.Generator().manual_seed(mix_seed(self.seed, step))
+        pos_gen = rng.generator(rng.MASKS, self.seed, step)
         preds, encs = [], []
         shortest_pred = shortest_enc = self.height * self.width
         for _ in range(batch_size):

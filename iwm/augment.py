@@ -1,12 +1,13 @@
 """IWM's two views and the action between them (docs/design.md, "What one training step computes").
 
-From each image: one random resized crop + horizontal flip, shared by both views; then
+From each image: one random resized crop + horizontal flip, shared by both views (drawn and applied
+where the image is loaded, iwm.geometry, and reported with the batch); then
   target view y:  colour jitter only (p = jitter_p, each view independent);
   source view x:  its own colour jitter, then grayscale (p = grayscale_p), Gaussian blur
                   (p = blur_p, sigma ~ U[blur_sigma]) and solarisation (p = solarize_p), source only.
 Jitter order is fixed: brightness -> contrast -> saturation -> hue, so the parameters fully determine the
 transform. The transforms are torchvision's formulas, batched, defined once in
-`iwm_kernels.photometric.reference` (re-exported here); `make_views` renders both views with the fused
+`iwm_kernels.photometric.reference`; `make_views` renders both views with the fused
 `iwm_kernels.photometric_two_view` (backend selectable), which reads each image once.
 
 Action vector a(x -> y), `ACTION_DIM = 7` numbers per sample (`ACTION_LAYOUT`):
@@ -15,23 +16,28 @@ Action vector a(x -> y), `ACTION_DIM = 7` numbers per sample (`ACTION_LAYOUT`):
 An un-applied jitter counts as the identity factors (1, 1, 1, 0), so identical views give the zero action
 and the zero action means "no change".
 
-Geometry: the crop is stored as fractions of the image (top, left, height, width), sampled with
-torchvision's RandomResizedCrop rule (10 tries, then a centre crop) in the pixels of `image_size`. It is
-rendered on the images' device as two per-sample resampling matrices, out = Wy @ image @ Wx^T, whose rows
+The crop and flip are not part of the action: both views share them (the paper's source and target
+are views of the same crop), so a(x -> y) is the photometric difference only.
+
+Geometry: `ViewParams.crop` holds the crop as fractions of the source image (top, left, height, width),
+the box `iwm.geometry.random_resized_box` drew (torchvision's RandomResizedCrop rule) in the source's
+pixels; the training step takes it, and the flip, from the loader's batch (`ViewParams.with_geometry`).
+For images not yet cropped (`make_views`, `apply_view`), the crop is rendered on the images' device as two per-sample resampling matrices, out = Wy @ image @ Wx^T, whose rows
 are the antialiased triangle filter that torchvision/PIL use for bilinear resizing (support widened by
 the downscale factor, weights renormalised inside the crop), so an identity crop is exact, a full-image
 crop equals `F.interpolate(..., "bilinear", antialias=True)`, and a flip is the reversed Wx. Unlike
 `grid_sample`, downscaling does not alias; the cost is two batched matmuls.
 
-Determinism: every random draw comes from a CPU generator seeded by (seed, step) (`generator_for_step`),
-in a fixed order, so the views of a step are the same on any device, rank or resume.
+Determinism: the photometric parameters of a step are drawn for the global batch, in a fixed order, from
+the CPU generator of (seed, step) (`generator_for_step`, iwm.rng) and sliced per rank; the crop and flip
+of a sample come from its own (seed, step, index) stream (iwm.geometry). So the views of a step are the
+same on any device, rank or resume, and N processes render what one process would.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, fields, replace
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -40,59 +46,37 @@ from iwm_kernels import photometric_two_view
 from iwm_kernels._validate import check_image_batch
 from iwm_kernels.photometric import IMAGENET_MEAN, IMAGENET_STD, blur_plan_from_sigmas, pack_params
 from iwm_kernels.photometric import photometric as photometric_view
-from iwm_kernels.photometric.reference import (adjust_brightness, adjust_contrast, adjust_hue,  # noqa: F401
-                                               adjust_saturation, blur_radius, gaussian_blur, gaussian_taps,
-                                               grayscale, hsv_to_rgb, normalize, rgb_to_grayscale, rgb_to_hsv,
-                                               solarize, to_float_image)
+from iwm_kernels.photometric.reference import to_float_image
+
+from . import rng
+from .augment_settings import AugmentSettings, check_pair
+from .geometry import Geometry, crop_fractions, crop_generator, sample_geometry
 
 ACTION_DIM = 7
 ACTION_LAYOUT = ("brightness", "contrast", "saturation", "hue", "grayscale", "blur", "solarize")
 IDENTITY_JITTER = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation factors; hue shift
 
-__all__ = ["ACTION_DIM", "ACTION_LAYOUT", "AugmentConfig", "ViewParams", "Views", "action_from_params",
-           "apply_view", "crop_resize_flip", "generator_for_step", "make_views", "render_views",
-           "sample_view_params"]
+__all__ = ["ACTION_DIM", "ACTION_LAYOUT", "AugmentConfig", "AugmentSettings", "Geometry", "ViewParams", "Views",
+           "action_from_params", "apply_view", "batch_view_params", "crop_resize_flip", "generator_for_step", "make_views",
+           "render_views", "sample_view_params"]
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Every probability and range of the two-view augmentation (defaults: the paper's)."""
+@dataclass
+class AugmentConfig(AugmentSettings):
+    """The settings of `AugmentSettings` (the config's `augment` section, with its bounds) plus what a run
+    derives from elsewhere: the output size and crop scale (`data.crop_size`, `data.crop_scale`), the
+    normalisation and the output dtype. Checked at construction (`dataclasses.replace` checks again)."""
     out_size: int = 224
     crop_scale: tuple = (0.3, 1.0)           # area fraction of the random resized crop
-    crop_ratio: tuple = (3 / 4, 4 / 3)       # aspect ratio (width / height) of the crop
-    flip_p: float = 0.5
-    jitter_p: float = 0.8                    # per view, all four jitter ops together
-    brightness: float = 0.4                  # factor ~ U[max(0, 1 - b), 1 + b]
-    contrast: float = 0.4                    # factor ~ U[max(0, 1 - c), 1 + c]
-    saturation: float = 0.2                  # factor ~ U[max(0, 1 - s), 1 + s]
-    hue: float = 0.1                         # shift ~ U[-h, h], h <= 0.5
-    grayscale_p: float = 0.2                 # source only
-    blur_p: float = 0.2                      # source only
-    blur_sigma: tuple = (0.1, 2.0)           # sigma ~ U[lo, hi], in output pixels
-    solarize_p: float = 0.1                  # source only (the paper's text also says 0.2 once)
-    solarize_threshold: float = 0.5          # in [0, 1] units (128 / 255 ~ 0.5 for uint8 images)
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     out_dtype: torch.dtype = torch.float32   # dtype of the rendered views
 
-    def __post_init__(self):
+    def check(self) -> None:
+        super().check()
         if isinstance(self.out_size, bool) or not isinstance(self.out_size, int) or self.out_size < 1:
             raise ValueError(f"out_size: must be a positive int, got {self.out_size!r}")
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
-                raise ValueError(f"{name}: a probability must be within [0, 1], got {v!r}")
-        for name in ("brightness", "contrast", "saturation"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name}: must be a finite number >= 0, got {v!r}")
-        if not (isinstance(self.hue, (int, float)) and 0.0 <= self.hue <= 0.5):
-            raise ValueError(f"hue: must be within [0, 0.5], got {self.hue!r}")
-        self._check_pair("crop_scale", self.crop_scale, 0.0, 1.0, open_low=True)
-        self._check_pair("crop_ratio", self.crop_ratio, 0.0, math.inf, open_low=True)
-        self._check_pair("blur_sigma", self.blur_sigma, 0.0, 256.0)
-        if not (isinstance(self.solarize_threshold, (int, float)) and math.isfinite(self.solarize_threshold)):
-            raise ValueError(f"solarize_threshold: must be a finite number, got {self.solarize_threshold!r}")
+        check_pair("crop_scale", self.crop_scale, 0.0, 1.0, low_open=True)
         for name in ("mean", "std"):
             v = getattr(self, name)
             if len(tuple(v)) != 3 or not all(math.isfinite(float(x)) for x in v):
@@ -101,15 +85,6 @@ class AugmentConfig:
             raise ValueError(f"std: values must be positive, got {self.std!r}")
         if self.out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"out_dtype: expected float32, bfloat16 or float16, got {self.out_dtype!r}")
-
-    @staticmethod
-    def _check_pair(name, pair, low, high, open_low=False):
-        try:
-            lo, hi = (float(x) for x in pair)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}: expected a (low, high) pair, got {pair!r}") from None
-        if not (lo <= hi and (lo > low if open_low else lo >= low) and hi <= high):
-            raise ValueError(f"{name}: expected {low} {'<' if open_low else '<='} low <= high <= {high}, got {pair!r}")
 
 
 @dataclass
@@ -127,8 +102,8 @@ class ViewParams:
     solarize: torch.Tensor               # bool [B] (source)
     solarize_threshold: float = 0.5
     out_size: int = 224
-    # Set where the values are made: True when they were drawn inside a checked AugmentConfig's ranges
-    # (sample_view_params), so rendering skips the range checks; source_blur holds the source view's
+    # Set where the values are made: True when the photometric values were drawn inside a checked
+    # AugmentConfig's ranges (sample_view_params), so rendering skips the range checks; source_blur holds the source view's
     # effective blur sigmas as Python floats (0 = no blur), so the blur plan needs no tensor read.
     validated: bool = False
     source_blur: Optional[tuple] = None
@@ -147,6 +122,16 @@ class ViewParams:
         """Samples lo..hi-1 (e.g. one rank's share of a global batch's parameters)."""
         blur = self.source_blur[lo:hi] if self.source_blur is not None else None
         return replace(self, source_blur=blur, **{n: getattr(self, n)[lo:hi] for n in self._tensor_fields()})
+
+    def with_geometry(self, geometry: Geometry) -> "ViewParams":
+        """These parameters with the crop and flip that were applied to the images (a loader batch's
+        `Geometry`). Validated geometry is taken as is: no value is read (the training step's case)."""
+        if not isinstance(geometry, Geometry):
+            raise TypeError(f"geometry: expected an iwm.geometry.Geometry, got {type(geometry).__name__}")
+        if len(geometry) != len(self):
+            raise ValueError(f"geometry: the crops of {len(geometry)} images, but parameters for {len(self)}")
+        geometry = geometry.check()
+        return replace(self, crop=geometry.crop, flip=geometry.flip)
 
     def index(self, idx: torch.Tensor) -> "ViewParams":
         """The samples at idx (e.g. K candidates repeated per image)."""
@@ -186,45 +171,12 @@ class Views(NamedTuple):
 
 
 def generator_for_step(seed: int, step: int) -> torch.Generator:
-    """A CPU generator whose stream depends only on (seed, step)."""
-    digest = hashlib.blake2b(repr(("iwm.augment", int(seed), int(step))).encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    """The CPU generator of a step's photometric view parameters (depends only on (seed, step))."""
+    return rng.generator(rng.VIEWS, seed, step)
 
 
 def _uniform(n, lo, hi, gen, shape=()) -> torch.Tensor:
     return lo + (hi - lo) * torch.rand((n, *shape), generator=gen)
-
-
-def _sample_crops(batch: int, height: int, width: int, scale, ratio, gen) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params, for a whole batch: up to 10 tries of (area, aspect),
-    the first that fits wins; otherwise the centre crop with the aspect clamped into `ratio`."""
-    tries = 10
-    area = float(height * width)
-    target_area = area * _uniform(batch, scale[0], scale[1], gen, (tries,))
-    log_r = _uniform(batch, math.log(ratio[0]), math.log(ratio[1]), gen, (tries,))
-    aspect = torch.exp(log_r)
-    w = torch.round(torch.sqrt(target_area * aspect))
-    h = torch.round(torch.sqrt(target_area / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    u_top, u_left = torch.rand(batch, generator=gen), torch.rand(batch, generator=gen)
-    top = torch.floor(u_top * (height - h + 1))
-    left = torch.floor(u_left * (width - w + 1))
-    # Fallback: centre crop, aspect clamped into the allowed range.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fh, fw = height, int(round(height * max(ratio)))
-    else:
-        fw, fh = width, height
-    ok = fits.any(dim=1)
-    top = torch.where(ok, top, torch.full_like(top, (height - fh) // 2))
-    left = torch.where(ok, left, torch.full_like(left, (width - fw) // 2))
-    h = torch.where(ok, h, torch.full_like(h, fh))
-    w = torch.where(ok, w, torch.full_like(w, fw))
-    return torch.stack((top / height, left / width, h / height, w / width), dim=1).to(torch.float32)
 
 
 def _sample_jitter(batch: int, cfg: AugmentConfig, gen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,25 +190,17 @@ def _sample_jitter(batch: int, cfg: AugmentConfig, gen) -> tuple[torch.Tensor, t
     return torch.where(applied[:, None], factors, identity).to(torch.float32), applied
 
 
-def sample_view_params(batch_size: int, cfg: AugmentConfig, generator: Optional[torch.Generator] = None, *,
-                       image_size: Optional[Sequence[int]] = None) -> ViewParams:
-    """Draw both views' parameters for a batch, on the CPU, in a fixed order (crop, flip, target jitter,
-    source jitter, grayscale, blur, sigma, solarise).
-
-    image_size: (H, W) of the images the crop will be applied to, so the crop follows torchvision's
-        integer-pixel rule and the aspect ratio is in pixels; None assumes square images of out_size.
-    """
+def sample_view_params(batch_size: int, cfg: AugmentConfig, generator: Optional[torch.Generator] = None
+                       ) -> ViewParams:
+    """Draw both views' photometric parameters for a batch, on the CPU, in a fixed order (target jitter,
+    source jitter, grayscale, blur, sigma, solarise). The crop is the whole image, unflipped: the crop
+    and flip are drawn where the images are loaded (iwm.geometry) and added with `with_geometry`."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
         raise ValueError(f"batch_size: must be an int >= 0, got {batch_size!r}")
     if not isinstance(cfg, AugmentConfig):
         raise TypeError(f"cfg: expected an AugmentConfig, got {type(cfg).__name__}")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    h, w = (cfg.out_size, cfg.out_size) if image_size is None else (int(image_size[0]), int(image_size[1]))
-    if h < 1 or w < 1:
-        raise ValueError(f"image_size: must be positive, got {tuple(image_size)}")
     b = batch_size
-    crop = _sample_crops(b, h, w, cfg.crop_scale, cfg.crop_ratio, gen)
-    flip = torch.rand(b, generator=gen) < cfg.flip_p
     target_jitter, target_applied = _sample_jitter(b, cfg, gen)
     source_jitter, source_applied = _sample_jitter(b, cfg, gen)
     gray = torch.rand(b, generator=gen) < cfg.grayscale_p
@@ -266,10 +210,23 @@ def sample_view_params(batch_size: int, cfg: AugmentConfig, generator: Optional[
     # Every value is drawn inside cfg's ranges, which AugmentConfig checked: valid by construction, so
     # the step renders them unchecked. The blur sigmas go to Python here (a CPU array, no device).
     source_blur = tuple(float(v) for v in np.where(blur.numpy(), sigma.numpy(), np.float32(0.0)))
-    return ViewParams(crop=crop, flip=flip, source_jitter=source_jitter, target_jitter=target_jitter,
+    return ViewParams(crop=torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(b, 1), flip=torch.zeros(b, dtype=torch.bool),
+                      source_jitter=source_jitter, target_jitter=target_jitter,
                       source_jitter_applied=source_applied, target_jitter_applied=target_applied, grayscale=gray,
                       blur=blur, blur_sigma=sigma, solarize=sol, solarize_threshold=float(cfg.solarize_threshold),
                       out_size=cfg.out_size, validated=True, source_blur=source_blur)
+
+
+def batch_view_params(cfg: AugmentConfig, *, seed: int, step: int, global_batch: int, start: int, count: int,
+                      geometry: Optional[Geometry] = None) -> ViewParams:
+    """The view parameters of samples start..start+count-1 of the global batch of `step`: the photometric
+    ones drawn for the whole global batch from (seed, step) and sliced (so each rank of N gets what one
+    process would), the crop and flip `geometry`'s (those the loader applied; None: the whole image)."""
+    if not (isinstance(start, int) and isinstance(count, int) and 0 <= start and start + count <= global_batch):
+        raise ValueError(f"start, count: samples {start}..{start}+{count} are not inside a global batch of "
+                         f"{global_batch}")
+    params = sample_view_params(global_batch, cfg, generator_for_step(seed, step)).slice(start, start + count)
+    return params if geometry is None else params.with_geometry(geometry)
 
 
 def action_from_params(params: ViewParams) -> torch.Tensor:
@@ -354,7 +311,9 @@ def render_views(images: torch.Tensor, params: ViewParams, cfg: AugmentConfig, *
 
 def make_views(images: torch.Tensor, cfg: AugmentConfig, *, seed: int, step: int,
                backend: Optional[str] = None) -> Views:
-    """Both views of a batch and the action between them, deterministic given (seed, step).
+    """Both views of a batch of uncropped images and the action between them, deterministic given (seed,
+    step): sample i's crop and flip as a loader worker would draw them for index i, the photometric
+    parameters as the training step draws them for a global batch of B.
 
     images: uint8 [B, 3, H, W] (or float in [0, 1]) on any device; the work runs there.
     backend: the photometric kernel's backend (reference | triton | native; default automatic).
@@ -363,7 +322,11 @@ def make_views(images: torch.Tensor, cfg: AugmentConfig, *, seed: int, step: int
         raise TypeError(f"cfg: expected an AugmentConfig, got {type(cfg).__name__}")
     images = _prepare(images)
     b, _, h, w = images.shape
-    params = sample_view_params(b, cfg, generator_for_step(seed, step), image_size=(h, w))
+    # Sample i's crop and flip from its (seed, step, i) stream, by the sampler the loader workers use.
+    drawn = [sample_geometry(h, w, crop_generator(seed, step, i), scale=cfg.crop_scale, ratio=cfg.crop_ratio,
+                             flip_p=cfg.flip_p) for i in range(b)]
+    geometry = Geometry.from_samples([crop_fractions(box, h, w) for box, _ in drawn], [f for _, f in drawn])
+    params = sample_view_params(b, cfg, generator_for_step(seed, step)).with_geometry(geometry)
     x = crop_resize_flip(images, params.crop, params.flip, cfg.out_size)
     source, target = photometric_two_view(x, params.photometric_params("source"), params.photometric_params("target"),
                                           mean=cfg.mean, std=cfg.std, out_dtype=cfg.out_dtype, backend=backend)

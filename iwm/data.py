@@ -1,19 +1,19 @@
 """Data: the built-in photographs, ImageFolder directories, a resumable batch order, mask collation.
 
 Split of work: DataLoader workers decode, take the shared random resized crop + flip (geometry is
-common to both views, so it belongs here, per image, as in every real pipeline) and sample the masks;
-the photometric two-view augmentation runs batched on the training device (iwm.augment).
+common to both views, so it belongs here, per image, as in every real pipeline; iwm.geometry draws it)
+and sample the masks; the batch reports the crops and flips it applied (`Batch.geometry`), which the
+step's view parameters carry. The photometric two-view augmentation runs batched on the training
+device (iwm.augment).
 
-Determinism: every random choice is a function of (seed, step, index) — the crop of sample i in step s
-is the same in any worker, on any rank, before or after a resume. The batch order is a per-epoch
-permutation from (seed, epoch), so resuming at step s continues exactly where the run stopped.
+Determinism: every random choice is a function of (seed, step, index) through iwm.rng — the crop of
+sample i in step s is the same in any worker, on any rank, before or after a resume. The batch order is
+a per-epoch permutation from (seed, epoch), so resuming at step s continues exactly where the run stopped.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from . import rng
+from .geometry import Box, Geometry, crop_fractions, crop_generator, sample_geometry
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 # Real photographs bundled with installed packages (nothing downloads). Grayscale ones are used as RGB.
@@ -34,16 +37,6 @@ _SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 # Held-out regions for the labelled probe: train crops lie in the left part of each photograph,
 # validation crops in the right strip, so no validation pixel is ever seen in training.
 _TRAIN_FRACTION = 0.7
-
-
-def _seed_for(*parts: int) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def generator_for(*parts: int) -> torch.Generator:
-    """A CPU generator whose stream depends only on the given integers."""
-    return torch.Generator().manual_seed(_seed_for(*parts))
 
 
 @functools.lru_cache(maxsize=2)
@@ -93,33 +86,7 @@ def resize_uint8(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
-def random_resized_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
-                       gen: torch.Generator) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random crop with area fraction in `scale` and aspect in `ratio`
-    (torchvision's RandomResizedCrop rule, with its centre-crop fallback)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        u = torch.rand(4, generator=gen).tolist()
-        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(u[2] * (height - h + 1))
-            left = int(u[3] * (width - w + 1))
-            return min(top, height - h), min(left, width - w), h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def crop_resize_flip(img: torch.Tensor, box: tuple[int, int, int, int], size: int, flip: bool) -> torch.Tensor:
+def crop_resize_flip(img: torch.Tensor, box: Box, size: int, flip: bool) -> torch.Tensor:
     top, left, h, w = box
     out = resize_uint8(img[:, top:top + h, left:left + w], (size, size))
     return out.flip(-1) if flip else out
@@ -136,8 +103,11 @@ class Sample:
     # data.decode=gpu: the JPEG's bytes (uint8 1-D) with its crop (top, left, h, w in source pixels) and
     # flip, decoded on the device by Batch.images_on; None when the worker decoded the image itself.
     encoded: Optional[torch.Tensor] = None
-    box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    box: Box = (0, 0, 0, 0)
     flip: bool = False
+    # The box as fractions (top, left, h, w) of the image it was cut from: what ViewParams.crop holds
+    # (iwm.geometry.crop_fractions, checked there). None from a dataset that does not report its crop.
+    crop: Optional[tuple[float, float, float, float]] = None
 
     @property
     def skipped(self) -> int:
@@ -174,10 +144,11 @@ class BuiltinPhotos(Dataset):
         step, index = key if isinstance(key, tuple) else (-1, key)
         label = index % len(self.photos)
         region = self.region(self.photos[label][1])
-        gen = generator_for(self.seed, step, index, 0 if self.split == "train" else 1)
-        box = random_resized_box(region.shape[1], region.shape[2], self.scale, self.ratio, gen)
-        flip = self.flip_p > 0 and bool(torch.rand((), generator=gen) < self.flip_p)
-        return Sample(crop_resize_flip(region, box, self.size, flip), label)
+        gen = crop_generator(self.seed, step, index, 0 if self.split == "train" else 1)
+        h, w = region.shape[1], region.shape[2]
+        box, flip = sample_geometry(h, w, gen, scale=self.scale, ratio=self.ratio, flip_p=self.flip_p)
+        return Sample(crop_resize_flip(region, box, self.size, flip), label, box=box, flip=flip,
+                      crop=crop_fractions(box, h, w))
 
 
 def _sixteen_bit_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -202,6 +173,45 @@ def image_to_rgb_uint8(im) -> np.ndarray:
     if mode in ("P", "PA"):
         im = im.convert("RGBA")
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def decode_rgb(source) -> torch.Tensor:
+    """uint8 [3, H, W] of the whole image at `source` (a path or a file object), any mode."""
+    from PIL import Image
+
+    with Image.open(source) as im:
+        arr = image_to_rgb_uint8(im)
+    return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def load_and_crop(data: bytes, label: int, size: int, decode: str,
+                  geometry: Callable[[int, int], tuple[Box, bool]]) -> Sample:
+    """The training sample of one encoded image (a file's or a shard member's bytes).
+
+    geometry(height, width) -> (box, flip) draws the crop from the image's size, which is read from the
+    header before anything is decoded, so every `decode` mode (iwm.image_decode.DECODE_MODES) takes
+    the same crop. The sample reports what it applied: box, flip and `crop` (the box as fractions).
+    Raises when the bytes are unreadable (the caller decides what stands in)."""
+    from PIL import Image
+
+    from .image_decode import decode_crop_draft, decode_crop_fast, gpu_decodable
+
+    if decode == "pil":  # the reference: full decode, crop and resize on a tensor
+        img = decode_rgb(io.BytesIO(data))
+        height, width = img.shape[1], img.shape[2]
+        box, flip = geometry(height, width)
+        return Sample(crop_resize_flip(img, box, size, flip), label, box=box, flip=flip,
+                      crop=crop_fractions(box, height, width))
+    with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size  # the header's size: nothing decoded yet
+        box, flip = geometry(height, width)
+        crop = crop_fractions(box, height, width)
+        if decode == "gpu" and gpu_decodable(im, data):
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return Sample(torch.zeros(3, size, size, dtype=torch.uint8), label, encoded=encoded, box=box,
+                          flip=flip, crop=crop)
+        crop_fn = decode_crop_fast if decode == "fast" else decode_crop_draft
+        return Sample(crop_fn(im, data, box, size, flip), label, box=box, flip=flip, crop=crop)
 
 
 class ImageFolderDataset(Dataset):
@@ -253,41 +263,20 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    @staticmethod
-    def decode(path: Path) -> torch.Tensor:
-        from PIL import Image
+    decode = staticmethod(decode_rgb)
 
-        with Image.open(path) as im:
-            arr = image_to_rgb_uint8(im)
-        return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
-
-    def geometry(self, height: int, width: int, gen: torch.Generator) -> tuple[tuple[int, int, int, int], bool]:
+    def geometry(self, height: int, width: int, gen: torch.Generator) -> tuple[Box, bool]:
         """The crop box (top, left, h, w) in source pixels and the flip, from the source size alone."""
         if self.random_crops:
-            box = random_resized_box(height, width, self.scale, self.ratio, gen)
-            return box, self.flip_p > 0 and bool(torch.rand((), generator=gen) < self.flip_p)
+            return sample_geometry(height, width, gen, scale=self.scale, ratio=self.ratio, flip_p=self.flip_p)
         side = min(height, width)  # evaluation: the centre crop of the shorter side
         return ((height - side) // 2, (width - side) // 2, side, side), False
 
     def load(self, file_index: int, gen: torch.Generator) -> Sample:
         """The sample from one file with the crop drawn from `gen`; raises when the file is unreadable."""
-        from PIL import Image
-
-        from .image_decode import decode_crop_draft, gpu_decodable
-
         path, label = self.files[file_index]
-        if self.decode_mode == "pil":  # the reference: full decode, crop and resize on a tensor
-            img = self.decode(path)
-            box, flip = self.geometry(img.shape[1], img.shape[2], gen)
-            return Sample(crop_resize_flip(img, box, self.size, flip), label, box=box, flip=flip)
-        data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
-            box, flip = self.geometry(im.size[1], im.size[0], gen)  # the header's size: nothing decoded yet
-            if self.decode_mode == "gpu" and gpu_decodable(im, data):
-                encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                return Sample(torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, encoded=encoded,
-                              box=box, flip=flip)
-            return Sample(decode_crop_draft(im, data, box, self.size, flip), label, box=box, flip=flip)
+        return load_and_crop(path.read_bytes(), label, self.size, self.decode_mode,
+                             lambda height, width: self.geometry(height, width, gen))
 
     def __getitem__(self, key) -> Sample:
         """The sample of the first readable file at or after the key's index, wrapping around."""
@@ -303,7 +292,7 @@ class ImageFolderDataset(Dataset):
             try:
                 # A fresh generator per attempt: the crop depends on (seed, step, index) and the file
                 # that stands in, never on how many bad files were tried first.
-                sample = self.load(file_index, generator_for(self.seed, step, index))
+                sample = self.load(file_index, crop_generator(self.seed, step, index))
             except Exception as exc:  # any decoder failure means "unreadable": skip it, never crash
                 self._known_unreadable.add(file_index)
                 first_error = first_error or f"{self.files[file_index][0]}: {type(exc).__name__}: {exc}"
@@ -332,7 +321,7 @@ class StepBatchSampler(Sampler):
         self.steps_per_epoch = dataset_len // self.global_batch
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(self.dataset_len, generator=generator_for(self.seed, epoch, 7))
+        return torch.randperm(self.dataset_len, generator=rng.generator(rng.ORDER, self.seed, epoch))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         step = self.start_step
@@ -364,6 +353,9 @@ class Batch:
     encoded: tuple[Optional[torch.Tensor], ...] = ()
     boxes: Optional[torch.Tensor] = None
     flips: Optional[torch.Tensor] = None
+    # The crop and flip each image went through (checked in the worker), for the step's ViewParams;
+    # None when the dataset does not report its crops.
+    geometry: Optional[Geometry] = None
 
     def pin_memory(self) -> "Batch":
         self.images = self.images.pin_memory()
@@ -392,13 +384,16 @@ class StepCollator:
         samples = [s for _, s in items]
         unreadable = tuple(sorted({s.unreadable for s in samples if s.unreadable >= 0}))
         encoded = tuple(s.encoded for s in samples) if any(s.encoded is not None for s in samples) else ()
+        reported = all(s.crop is not None for s in samples)
+        geometry = Geometry.from_samples([s.crop for s in samples], [s.flip for s in samples]) if reported else None
         return Batch(step=step,
                      images=torch.stack([s.image for s in samples]),
                      labels=torch.tensor([s.label for s in samples], dtype=torch.int64),
                      masks=self.mask_fn(step) if self.mask_fn is not None else None,
                      skipped=len(unreadable), unreadable_files=unreadable, encoded=encoded,
                      boxes=torch.tensor([s.box for s in samples], dtype=torch.int64) if encoded else None,
-                     flips=torch.tensor([s.flip for s in samples], dtype=torch.bool) if encoded else None)
+                     flips=torch.tensor([s.flip for s in samples], dtype=torch.bool) if encoded else None,
+                     geometry=geometry)
 
 
 class KeyedDataset(Dataset):

@@ -19,9 +19,9 @@ What differs from I-JEPA's `MaskCollator` (src/masks/multiblock.py), on purpose:
   Settings that can never give a valid context raise at construction: `min_keep < 1` (an empty context
   gives the encoder nothing to predict from), a grid with fewer than `min_keep` patches left beside the
   smallest target block, or a context block smaller than `min_keep`.
-- Randomness comes only from a `torch.Generator` seeded from (seed, step), so a batch's masks are the
-  same in the main process, in any DataLoader worker and after resuming. In multi-process training,
-  give each rank its own seed (e.g. `seed + rank`) so ranks draw different masks.
+- Randomness comes only from a `torch.Generator` seeded from (seed, step) by `iwm.rng`, so a batch's
+  masks are the same in the main process, in any DataLoader worker and after resuming. In multi-process
+  training, give each rank its own seed (e.g. `seed + rank`) so ranks draw different masks.
 
 Everything is array operations over the whole batch (a handful per call, none per sample or patch).
 The random numbers come from torch; the [B, N] mask arithmetic runs in NumPy, which never spreads
@@ -39,20 +39,9 @@ import torch
 
 from iwm_kernels._validate import INDEX_DTYPES, check_index_range, check_tensor
 
+from . import rng
+
 Grid = tuple[int, int]
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(value: int) -> int:
-    value = (value + 0x9E3779B97F4A7C15) & _MASK64
-    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return value ^ (value >> 31)
-
-
-def mix_seed(seed: int, step: int) -> int:
-    """A 63-bit generator seed from (seed, step); distinct pairs give unrelated streams."""
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) >> 1
 
 
 def _check_grid(grid: object) -> Grid:
@@ -350,6 +339,10 @@ def _rect_masks(top: np.ndarray, left: np.ndarray, size: Grid, grid: Grid) -> np
     return (in_rows[..., :, None] & in_cols[..., None, :]).reshape(*top.shape, grid[0] * grid[1])
 
 
+# How the context is drawn: the complement of the targets (IWM) or one block (I-JEPA).
+CONTEXT_MODES = ("complement", "block")
+
+
 class MultiBlockMaskSampler:
     """I-JEPA multi-block masks for a batch: M target blocks and one context per sample.
 
@@ -376,8 +369,9 @@ class MultiBlockMaskSampler:
         self.num_targets = _check_int(num_targets, "num_targets", 1)
         self.target_scale = _check_range(target_scale, "target_scale", upper=1.0)
         self.target_aspect = _check_range(target_aspect, "target_aspect")
-        if context_mode not in ("complement", "block"):
-            raise ValueError(f"context_mode: expected 'complement' or 'block', got {context_mode!r}")
+        if context_mode not in CONTEXT_MODES:
+            raise ValueError(f"context_mode: expected one of {', '.join(map(repr, CONTEXT_MODES))}, "
+                             f"got {context_mode!r}")
         self.context_mode = context_mode
         self.context_scale = _check_range(context_scale, "context_scale", upper=1.0)
         self.context_aspect = _check_range(context_aspect, "context_aspect")
@@ -432,7 +426,7 @@ class MultiBlockMaskSampler:
     def _generator(self, step: int) -> torch.Generator:
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(f"step: expected an int, got {type(step).__name__}")
-        return torch.Generator().manual_seed(mix_seed(self.seed, step))
+        return rng.generator(rng.MASKS, self.seed, step)
 
     def _sizes(self, gen: torch.Generator) -> tuple[Grid, Grid]:
         u = torch.rand(4, generator=gen, dtype=torch.float64).tolist()
@@ -466,7 +460,7 @@ class MultiBlockMaskSampler:
         batch_size = _check_int(batch_size, "batch_size", 0)
         gen = self._generator(step)
         t_size, c_size = self._sizes(gen)
-        (H, W), M, N = self.grid, self.num_targets, self.num_patches
+        (H, W), M = self.grid, self.num_targets
         t_top, t_left, c_top, c_left = self._positions(gen, batch_size, t_size, c_size)
         targets = _rect_index(t_top, t_left, t_size, W)                           # [B, M, h*w]
         context = self._context(targets, c_top, c_left, c_size, M)                # [B, N]

@@ -222,7 +222,7 @@ def test_make_views_backends_agree(backend, seed):
 
 def test_sampled_parameters_respect_the_config(seed):
     cfg = A.AugmentConfig(out_size=32)
-    p = A.sample_view_params(4000, cfg, torch.Generator().manual_seed(seed), image_size=(600, 800))
+    p = A.sample_view_params(4000, cfg, torch.Generator().manual_seed(seed))
     for jit, applied in ((p.source_jitter, p.source_jitter_applied), (p.target_jitter, p.target_jitter_applied)):
         on = jit[applied]
         assert (on[:, 0] >= 0.6).all() and (on[:, 0] <= 1.4).all()
@@ -231,25 +231,44 @@ def test_sampled_parameters_respect_the_config(seed):
         assert (on[:, 3].abs() <= 0.1).all()
         assert torch.equal(jit[~applied], torch.tensor([[1.0, 1.0, 1.0, 0.0]]).expand(int((~applied).sum()), 4))
         assert abs(applied.float().mean() - 0.8) < 0.04
-    for flag, prob in ((p.grayscale, 0.2), (p.blur, 0.2), (p.solarize, 0.1), (p.flip, 0.5)):
+    for flag, prob in ((p.grayscale, 0.2), (p.blur, 0.2), (p.solarize, 0.1)):
         assert abs(flag.float().mean() - prob) < 0.04
     assert (p.blur_sigma >= 0.1).all() and (p.blur_sigma <= 2.0).all()
+    # no geometry is drawn with the photometric parameters: the crop comes from the loader
+    assert torch.equal(p.crop, torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(4000, 4)) and not p.flip.any()
+
+
+def test_sampled_crops_follow_torchvision_rule(seed):
+    """The one crop sampler (iwm.geometry, the loader's): area, aspect and flip rate within the config."""
+    from iwm.geometry import Geometry, crop_fractions, crop_generator, sample_geometry
+
+    drawn = [sample_geometry(600, 800, crop_generator(seed, 3, i), scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3),
+                             flip_p=0.5) for i in range(2000)]
+    boxes = torch.tensor([box for box, _ in drawn], dtype=torch.float64)
+    assert abs(sum(f for _, f in drawn) / 2000 - 0.5) < 0.04
+    p = Geometry.from_samples([crop_fractions(box, 600, 800) for box, _ in drawn], [f for _, f in drawn])
     top, left, h, w = (p.crop[:, i] for i in range(4))
+    assert torch.equal((h * 600).round(), boxes[:, 2].float())  # integer pixel boxes, as torchvision's
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 1 + 1e-6).all() and (left + w <= 1 + 1e-6).all()
     area, aspect = h * w, (w * 800) / (h * 600)
     assert (area >= 0.3 - 0.005).all() and (area <= 1 + 1e-6).all()
     assert (aspect >= 0.75 - 0.005).all() and (aspect <= 4 / 3 + 0.005).all()
-    assert torch.allclose(h * 600, (h * 600).round(), atol=1e-3)  # integer pixel boxes, as torchvision's
 
 
 def test_probabilities_zero_and_one():
+    from iwm.geometry import crop_generator, sample_geometry
+
     never = A.AugmentConfig(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0, flip_p=0.0)
     p = A.sample_view_params(64, never, torch.Generator().manual_seed(0))
-    assert not (p.grayscale.any() or p.blur.any() or p.solarize.any() or p.flip.any())
+    assert not (p.grayscale.any() or p.blur.any() or p.solarize.any())
+    for flip_p in (0.0, 1.0):
+        flips = {sample_geometry(20, 30, crop_generator(0, 0, i), scale=(0.3, 1.0), ratio=(0.75, 1.33),
+                                 flip_p=flip_p)[1] for i in range(64)}
+        assert flips == {bool(flip_p)}
     assert torch.equal(A.action_from_params(p), torch.zeros(64, A.ACTION_DIM))
     always = A.AugmentConfig(jitter_p=1.0, grayscale_p=1.0, blur_p=1.0, solarize_p=1.0, flip_p=1.0)
     p = A.sample_view_params(64, always, torch.Generator().manual_seed(0))
-    assert p.grayscale.all() and p.blur.all() and p.solarize.all() and p.flip.all()
+    assert p.grayscale.all() and p.blur.all() and p.solarize.all()
     assert p.source_jitter_applied.all() and p.target_jitter_applied.all()
 
 
@@ -372,3 +391,37 @@ def test_apply_view_errors():
         A.apply_view(imgs, A.ViewParams.identity(3, out_size=8))
     with pytest.raises(ValueError, match="which"):
         A.apply_view(imgs, A.ViewParams.identity(2, out_size=8), "middle")
+
+
+# ---- one settings class: the config's augment section and AugmentConfig ---------------------------------
+
+@pytest.mark.parametrize("field, text, value", [
+    ("blur_sigma", "[0.1,150]", (0.1, 150.0)),      # the augment API took up to 256, the config 100
+    ("crop_ratio", "[0.0001,1]", (1e-4, 1.0)),      # the augment API took any positive ratio
+    ("solarize_threshold", "2", 2.0),               # the augment API took any finite threshold
+    ("hue", "0.6", 0.6), ("flip_p", "1.5", 1.5), ("brightness", "-1", -1.0),
+])
+def test_config_and_augment_share_one_set_of_bounds(field, text, value):
+    from iwm.augment_settings import AugmentSettings
+    from iwm.config import AugmentConfigSection, ConfigError, load_config
+
+    assert issubclass(AugmentConfigSection, AugmentSettings) and issubclass(A.AugmentConfig, AugmentSettings)
+    with pytest.raises(ConfigError, match=rf"^augment\.{field}:"):
+        load_config(None, [f"augment.{field}={text}"])
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        A.AugmentConfig(**{field: value})
+
+
+def test_run_augment_config_carries_every_augment_setting():
+    from dataclasses import fields
+
+    from iwm.augment_settings import AugmentSettings
+    from iwm.builders import augment_config
+    from iwm.config import load_config
+
+    cfg = load_config(None, ["augment.flip_p=0.25", "augment.crop_ratio=[0.5,2]", "augment.hue=0.3",
+                             "data.crop_scale=[0.4,0.9]", "data.crop_size=96", "mask.patch_size=16"])
+    got = augment_config(cfg)
+    for f in fields(AugmentSettings):
+        assert getattr(got, f.name) == getattr(cfg.augment, f.name), f.name
+    assert got.out_size == 96 and got.crop_scale == (0.4, 0.9) and got.flip_p == 0.25

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from iwm.data import (BuiltinPhotos, ImageFolderDataset, KeyedDataset, StepBatchSampler, StepCollator,
-                      builtin_photos, random_resized_box)
+                      builtin_photos)
+from iwm.geometry import random_resized_box
 
 
 def test_builtin_photos_are_real_and_many():

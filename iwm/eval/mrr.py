@@ -8,7 +8,7 @@ by distance to the prediction. MRR = mean(1/rank); chance = H_K / K.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -106,8 +106,7 @@ def evaluate_mrr(model, images: torch.Tensor, aug_cfg, mask_sampler, *, num_cand
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    cand_cfg = aug.AugmentConfig(**{**{f: getattr(aug_cfg, f) for f in aug_cfg.__dataclass_fields__},
-                                    "jitter_p": 1.0})
+    cand_cfg = replace(aug_cfg, jitter_p=1.0)
     all_ranks = []
     k = num_candidates
     for i in range(images.shape[0]):
