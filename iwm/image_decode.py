@@ -7,6 +7,9 @@
            simplejpeg (libjpeg-turbo) when it is installed and Pillow's `Image.draft` otherwise; the crop
            is then resized in uint8 by Pillow (antialiased bilinear, the filter the torch path imitates).
            Every other format, and a JPEG whose crop is too small to reduce, is fully decoded.
+    fast   draft's decode (into a reused buffer), the crop resized in uint8 by torch's vectorised
+           antialiased bilinear kernel instead of Pillow's (`decode_crop_fast`): same crop, within a
+           level of draft, ~1.5x draft's img/s at ImageNet sizes where the resize is half the work.
     gpu    the worker only reads the bytes and samples the crop; nvJPEG decodes the batch on the device
            (torchvision.io.decode_jpeg) and the crop is resized there (see `decode_on_device`).
 
@@ -18,13 +21,14 @@ from __future__ import annotations
 
 import functools
 import io
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-DECODE_MODES = ("draft", "pil", "gpu")
+DECODE_MODES = ("draft", "pil", "gpu", "fast")
 DCT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg's scaled IDCT does fastest (Pillow's draft offers these)
 # Colour modes a libjpeg-turbo RGB decode handles like Pillow does; CMYK (and Adobe-inverted CMYK)
 # JPEGs go through Pillow's own conversion instead.
@@ -121,6 +125,93 @@ def decode_crop_draft(im, data: bytes, box: Sequence[int], size: int, flip: bool
         # The reduced image is ceil(full / k) pixels: the source pixel x lies at x / k in it.
         return resize_box_pil(rgb, scaled_box(box, k, k), size, flip)
     return resize_box_pil(pil_to_rgb(im), scaled_box(box, 1, 1), size, flip)
+
+
+# ---- fast path: draft's decode, the crop resized by torch's uint8 kernel -----------------------------
+
+def resize_box_torch(rgb: np.ndarray, box: Sequence[float], size: int, flip: bool) -> torch.Tensor:
+    """uint8 [3, size, size]: the box (left, upper, right, lower; whole pixels) of an RGB
+    uint8 [H, W, 3] array, antialiased bilinear, optionally mirrored. The [H, W, 3] array viewed as
+    [1, 3, H, W] is channels-last, which torch resizes in uint8 with its vectorised kernel (about 3x
+    Pillow's resize here); the result matches Pillow's filter within a level."""
+    height, width = rgb.shape[:2]
+    left, upper, right, lower = (int(round(v)) for v in box)
+    left, upper = min(max(left, 0), width - 1), min(max(upper, 0), height - 1)
+    right, lower = max(min(right, width), left + 1), max(min(lower, height), upper + 1)
+    if not rgb.flags.writeable:  # a Pillow image's array (the fallback paths): torch wants its own
+        rgb = np.array(rgb)
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None, :, upper:lower, left:right]
+    x = x.contiguous(memory_format=torch.channels_last)  # the crop's rows dense: the kernel's fast case
+    out = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    out = (out.flip(-1) if flip else out).contiguous()
+    return out.clone() if out.data_ptr() == x.data_ptr() else out  # never a view of a reused buffer
+
+
+_buffers = threading.local()
+
+
+def _decode_buffer(full: tuple[int, int], k: int) -> np.ndarray:
+    """This thread's reusable decode buffer, large enough for the image at 1/k (+1 px each way for
+    libjpeg's rounding up). Reused because a fresh half-megabyte array per image costs the allocator's
+    page faults: ~30 % of the decode on this machine. `resize_box_torch` copies out of it."""
+    need = ((full[0] + k) // k + 1) * ((full[1] + k) // k + 1) * 3
+    buf = getattr(_buffers, "array", None)
+    if buf is None or buf.size < need:
+        buf = _buffers.array = np.empty(max(need, 1 << 20), dtype=np.uint8)
+    return buf[:need]
+
+
+def decode_crop_fast(im, data: bytes, box: Sequence[int], size: int, flip: bool) -> torch.Tensor:
+    """`decode_crop_draft`'s decode (a JPEG at the DCT scale its crop allows; simplejpeg, else Pillow)
+    with the crop resized by `resize_box_torch`. An RGB or gray JPEG goes from simplejpeg's array to the
+    resize with no Pillow image in between; everything else through Pillow's decode and mode rules."""
+    if im.format == "JPEG":
+        full, k = im.size, dct_scale(box, size)
+        if im.mode in _TURBO_MODES:
+            out = _decode_crop_region(data, full, k, box, size, flip)
+            if out is not None:
+                return out
+        turbo = simplejpeg_module() if im.mode in _TURBO_MODES else None
+        if turbo is not None:
+            try:
+                arr = turbo.decode_jpeg(data, colorspace="RGB", min_width=-(-full[0] // k),
+                                        min_height=-(-full[1] // k), buffer=_decode_buffer(full, k))
+                got = _reduction_of(full, (arr.shape[1], arr.shape[0]), k)
+            except Exception:  # simplejpeg is stricter than Pillow on odd files: let Pillow decide
+                got = None
+            if got is not None:
+                return _resize_reduced(arr, scaled_box(box, got, got), size, flip)
+        rgb, got = decode_reduced(im, data, k)
+        return _resize_reduced(np.asarray(rgb, dtype=np.uint8), scaled_box(box, got, got), size, flip)
+    return resize_box_torch(np.asarray(pil_to_rgb(im), dtype=np.uint8), scaled_box(box, 1, 1), size, flip)
+
+
+def _decode_crop_region(data: bytes, full: tuple[int, int], k: int, box: Sequence[int], size: int,
+                        flip: bool) -> Optional[torch.Tensor]:
+    """The crop from a decode of only its rows and columns at 1/k (iwm.jpeg_region, the system
+    libjpeg-turbo); None where that is unavailable or the decoder refuses the file."""
+    from .jpeg_region import decode_region
+
+    top, left, h, w = box
+    r0, c0 = top // k, left // k  # the crop at 1/k, widened to whole reduced pixels
+    r1, c1 = min(-(-(top + h) // k), -(-full[1] // k)), min(-(-(left + w) // k), -(-full[0] // k))
+    arr = decode_region(data, full, k, r0, c0, r1 - r0, c1 - c0)
+    if arr is None:
+        return None
+    reduced = (left / k - c0, top / k - r0, (left + w) / k - c0, (top + h) / k - r0)
+    return _resize_reduced(arr, reduced, size, flip)
+
+
+def _resize_reduced(rgb: np.ndarray, reduced: tuple[float, float, float, float], size: int,
+                    flip: bool) -> torch.Tensor:
+    """The box `reduced` (left, upper, right, lower) of an image decoded at 1/k. torch's resize takes whole
+    pixels only: a box that falls between reduced pixels goes through Pillow's fractional box instead,
+    so the crop stays exact."""
+    if all(float(v).is_integer() for v in reduced):
+        return resize_box_torch(rgb, reduced, size, flip)
+    from PIL import Image
+
+    return resize_box_pil(Image.fromarray(np.ascontiguousarray(rgb), "RGB"), reduced, size, flip)
 
 
 # ---- GPU path ---------------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ def test_decode_setting_is_validated_and_gpu_needs_cuda_and_torchvision(tmp_path
     with pytest.raises(ConfigError, match="data.decode"):
         load_config(None, ["data.decode=nvjpeg"])
     with pytest.raises(ValueError, match="decode"):
-        ImageFolderDataset(photo_jpegs(tmp_path / "d", seed, per_shape=1), 32, decode="fast")
+        ImageFolderDataset(photo_jpegs(tmp_path / "d", seed, per_shape=1), 32, decode="turbo")
     root = photo_jpegs(tmp_path / "e", seed, per_shape=1)
     cfg = load_config(None, ["data.dataset=imagefolder", f"data.image_folder={root}", "data.decode=gpu",
                              "meta.device=cpu", "eval.tasks=[]", f"logging.folder={tmp_path / 'run'}"])

@@ -6,7 +6,9 @@ Images: ImageNet-sized JPEGs (500x375, 375x500, 500x333, 333x500; quality 90) ma
 photographs (random crops, resized) into a cache folder outside the repository, so nothing downloads.
 Baseline: the I-JEPA / torchvision ImageFolder path, written here with Pillow: open, full decode,
 RandomResizedCrop (crop, then Pillow bilinear resize), flip, to a uint8 tensor. Ours: data.decode=draft
-(the JPEG decoded at the reduced DCT scale the crop allows; simplejpeg when installed), =pil (full decode,
+(the JPEG decoded at the reduced DCT scale the crop allows; simplejpeg when installed), =fast (only the
+crop's rows and columns decoded, by the system libjpeg-turbo; the crop resized by torch's uint8 kernel),
+=pil (full decode,
 tensor resize: the reference) and, for the worker only, =gpu (the worker reads bytes; nvJPEG decodes on
 the device, timed on CUDA only). Also: how many cores feed one GPU at the training step's img/s, from
 the latest committed GPU report under benchmarks/results/ (else the CPU one; the row says which).
@@ -24,9 +26,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from iwm import image_decode
-from iwm.data import (ImageFolderDataset, KeyedDataset, Sample, StepBatchSampler, StepCollator, builtin_photos,
-                      generator_for, random_resized_box)
+from iwm import image_decode, rng
+from iwm.data import ImageFolderDataset, KeyedDataset, Sample, StepBatchSampler, StepCollator, builtin_photos
+from iwm.geometry import crop_fractions, sample_geometry
 from iwm.masks import MultiBlockMaskSampler
 
 from ..common import Row, time_fns, time_left
@@ -102,12 +104,14 @@ class TorchvisionStyleFolder(ImageFolderDataset):
         path, label = self.files[file_index]
         with Image.open(path) as im:
             rgb = im.convert("RGB")
-        top, left, h, w = random_resized_box(rgb.size[1], rgb.size[0], self.scale, self.ratio, gen)
-        flip = bool(torch.rand((), generator=gen) < self.flip_p)
+        box, flip = sample_geometry(rgb.size[1], rgb.size[0], gen, scale=self.scale, ratio=self.ratio,
+                                    flip_p=self.flip_p)
+        top, left, h, w = box
         out = rgb.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BILINEAR)
         if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return Sample(torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous(), label)
+        return Sample(torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous(), label,
+                      box=box, flip=flip, crop=crop_fractions(box, rgb.size[1], rgb.size[0]))
 
 
 class StepMasks:
@@ -165,8 +169,32 @@ def datasets(root: Path) -> dict[str, tuple[Optional[ImageFolderDataset], str]]:
     out["ours (draft: simplejpeg)"] = ((ImageFolderDataset(root, SIZE, decode="draft"), "") if turbo
                                        else (None, "simplejpeg not installed (pip install simplejpeg)"))
     out["ours (draft: Pillow)"] = (_PillowDraft(root, SIZE, decode="draft"), "")
+    # data.decode=fast: only the crop's rows and columns decoded (the system libjpeg-turbo, iwm.jpeg_region),
+    # the crop resized by torch's uint8 kernel; and the same without the region decode (simplejpeg's full
+    # decode straight into the torch resize), to show what each step gives.
+    from iwm import jpeg_region
+
+    out["ours (fast: crop-region decode + torch uint8 resize)"] = (
+        (ImageFolderDataset(root, SIZE, decode="fast"), "") if jpeg_region.library() is not None
+        else (None, "the region decoder did not build here (needs cc and libjpeg-turbo headers)"))
+    out["ours (fast, full decode: simplejpeg + torch uint8 resize)"] = (
+        (_FastFullDecode(root, SIZE, decode="fast"), "") if turbo else (None, "simplejpeg not installed"))
     out["ours (gpu: worker reads bytes)"] = (ImageFolderDataset(root, SIZE, decode="gpu"), "")
     return out
+
+
+class _FastFullDecode(ImageFolderDataset):
+    """decode=fast with the region decoder hidden: its simplejpeg fallback."""
+
+    def load(self, file_index, gen):
+        from iwm import jpeg_region
+
+        saved = jpeg_region.decode_region
+        jpeg_region.decode_region = lambda *args: None
+        try:
+            return super().load(file_index, gen)
+        finally:
+            jpeg_region.decode_region = saved
 
 
 class _PillowDraft(ImageFolderDataset):
@@ -268,7 +296,7 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
     progress(f"data | making {count} ImageNet-sized JPEGs under {cache_root()}")
     root = imagenet_like_folder(count)
     impls = datasets(root)
-    keys = [(1, int(i)) for i in torch.randperm(count, generator=generator_for(0, 1))[:size["keys"]]]
+    keys = [(1, int(i)) for i in torch.randperm(count, generator=rng.generator("benchmarks.data.keys", 0, 1))[:size["keys"]]]
     step = step_rate()
     rows = []
     case = f"decode+crop {SIZE}, ImageNet-sized JPEG, per image, 1 core"
