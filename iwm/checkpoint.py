@@ -72,12 +72,25 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
 
 
 def find_resume_checkpoint(folder: str | Path, explicit: Optional[str] = None) -> Optional[Path]:
+    """The checkpoint a resume loads: `explicit` (a file, or a sharded step-*.dcp folder), else the run
+    folder's latest.pt or the sharded checkpoint latest-sharded.json names (iwm.sharded_checkpoint),
+    whichever was written last when both are there (a run that switched meta.parallel)."""
+    from .sharded_checkpoint import LATEST_SHARDED, TRAINER_STATE, latest_sharded
+
     if explicit:
         p = Path(explicit)
+        if p.is_dir():
+            if not (p / TRAINER_STATE).is_file():
+                raise CheckpointError(f"meta.read_checkpoint: {p} is not a complete sharded checkpoint "
+                                      f"(no {TRAINER_STATE})")
+            return p
         if not p.is_file():
             raise CheckpointError(f"meta.read_checkpoint: no such file {p}")
         return p
     latest = Path(folder) / LATEST
+    pointer = Path(folder) / LATEST_SHARDED
+    if pointer.exists() and not (latest.exists() and latest.stat().st_mtime_ns > pointer.stat().st_mtime_ns):
+        return latest_sharded(folder)
     return latest if latest.exists() else None
 
 
@@ -256,6 +269,8 @@ RESUME_SAFE_KEYS = frozenset({
     "meta.load_checkpoint", "meta.read_checkpoint", "meta.resume_with_changes", "meta.dist_timeout_s", "meta.dist_timeout_s",
     "data.color_jitter_strength", "data.use_color_distortion", "data.use_gaussian_blur",
     "data.use_horizontal_flip", "data.copy_data", "meta.copy_data",
+    # Recomputing a block's activations redoes the same ops on the same inputs (tests/test_fsdp2.py).
+    "meta.activation_checkpointing", "meta.activation_checkpointing_every",
 })
 
 

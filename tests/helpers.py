@@ -1,5 +1,10 @@
-"""Helpers shared by the tests: backend lists and dtype tolerance tables."""
+"""Helpers shared by the tests: backend lists, dtype tolerance tables and the host-read probe."""
+import collections
+import traceback
+from pathlib import Path
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from iwm_kernels import _backend
 
@@ -15,3 +20,94 @@ TOLERANCES = {
 def backends_on(device: str = "cpu", include_reference: bool = True):
     names = [n for n in _backend.BACKENDS if _backend.runs_on(n, torch.device(device)).available]
     return names if include_reference else [n for n in names if n != "reference"]
+
+
+# ---- the host-read probe (tests/test_host_syncs.py, tests/test_step.py) ----------------------------------
+# Every aten op that must look at values to return a Python value or a data-dependent shape
+# (`_local_scalar_dense` is item/float/int/bool), plus the Python-side readers that can bypass the
+# dispatcher for CPU tensors.
+_aten = torch.ops.aten
+READING_OPS = {_aten._local_scalar_dense, _aten.nonzero, _aten.masked_select, _aten.equal, _aten._unique,
+               _aten._unique2, _aten.unique_dim, _aten.unique_consecutive, _aten.unique_dim_consecutive}
+PYTHON_READERS = ("tolist", "item", "__bool__", "__int__", "__float__", "__index__")
+_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+def _where() -> str:
+    """The repository frames that led to a read (innermost last), for the failure message."""
+    frames = [f for f in traceback.extract_stack()[:-2]
+              if _ROOT in f.filename and "/tests/" not in f.filename and ".venv" not in f.filename]
+    return " <- ".join(f"{Path(f.filename).relative_to(_ROOT)}:{f.lineno}" for f in reversed(frames[-4:])) or "?"
+
+
+class HostReadCounter(TorchDispatchMode):
+    """Counts value reads while active, keyed by (what, where)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.overloadpacket in READING_OPS:
+            self.reads[(str(func), _where())] += 1
+        elif func is _aten.repeat_interleave.Tensor and \
+                kwargs.get("output_size", args[1] if len(args) > 1 else None) is None:
+            self.reads[(str(func) + " (no output_size)", _where())] += 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.reads.values())
+
+    def report(self) -> str:
+        return "\n".join(f"{n} x {what} at {where}" for (what, where), n in self.reads.most_common())
+
+
+def count_python_readers(setattr_=setattr) -> list:
+    """Patches Tensor.item/tolist/__bool__/... (with `setattr_`, e.g. monkeypatch.setattr) to count into
+    the innermost HostReadCounter of the returned list: push a counter to count, pop it to stop."""
+    active: list = []
+    for name in PYTHON_READERS:
+        original = getattr(torch.Tensor, name)
+
+        def reader(self, *args, _original=original, _name=name, **kwargs):
+            if active:
+                active[-1].reads[(f"Tensor.{_name}", _where())] += 1
+            return _original(self, *args, **kwargs)
+        setattr_(torch.Tensor, name, reader)
+    return active
+
+
+def small_iwm(seed: int):
+    """A 2-block tiny IWM at 32 px (the multi-process tests' model), initialised from `seed`."""
+    from iwm.models import IWM
+
+    torch.manual_seed(seed)
+    return IWM.from_preset("tiny", img_size=32, encoder_depth=2, pred_depth=2)
+
+
+def random_batches(model, seed: int, global_batch: int, steps: int) -> list:
+    """The global batch of each step: random uint8 images and the sampler's masks, as the loader
+    delivers them (the same for every rank and every process count)."""
+    from iwm.masks import MultiBlockMaskSampler
+
+    size = model.encoder.img_size
+    gen = torch.Generator().manual_seed(seed)
+    sampler = MultiBlockMaskSampler(model.encoder.patch_embed.grid, seed=seed, min_keep=2)
+    return [(torch.randint(0, 256, (global_batch, 3, size, size), dtype=torch.uint8, generator=gen),
+             sampler.sample(global_batch, step)) for step in range(steps)]
+
+
+def assert_trained_close(a: torch.Tensor, b: torch.Tensor, name: str, *, lr: float, steps: int,
+                         rel: float = 1e-3) -> None:
+    """Parameters after `steps` AdamW steps on 2 ranks vs 1 (another reduction order): AdamW turns a
+    rounding difference in a near-zero gradient into up to lr of a step, so such (rare) elements may
+    differ by up to lr * steps; every other element is within `rel` of its tensor's scale."""
+    if not b.numel():
+        return
+    scale = float(b.abs().max())
+    diff = (a.float() - b.float()).abs()
+    loose = diff > rel * scale + 1e-7 + rel * b.float().abs()
+    assert float(loose.float().mean()) <= 0.01, (name, int(loose.sum()), diff.numel())
+    assert float(diff.max()) <= lr * steps, (name, float(diff.max()))

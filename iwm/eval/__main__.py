@@ -12,22 +12,27 @@ import torch
 
 
 def main(argv=None) -> int:
-    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..checkpoint import CheckpointError
+    from .. import sharded_checkpoint
     from ..config import ConfigError, check_data_paths, check_eval_tasks, config_from_dict
     from ..models import IWM, ModelPreset
+    from . import TASKS
     from .runner import run_evaluations
     from ..stopping import StopFlag
 
     parser = argparse.ArgumentParser(prog="python -m iwm.eval", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="an iwm training checkpoint (latest.pt, step-*.pt)")
-    parser.add_argument("--task", action="append", choices=["mrr", "linear", "predictor"],
+    parser.add_argument("--checkpoint", required=True, help="an iwm training checkpoint (latest.pt, step-*.pt, "
+                        "or a sharded step-*.dcp folder)")
+    parser.add_argument("--task", action="append", choices=TASKS,
                         help="repeatable; default: the checkpoint config's eval.tasks")
     parser.add_argument("--out", type=Path, help="folder for the results (default: the checkpoint's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. eval.mrr_candidates=64")
     args = parser.parse_args(argv)
     try:
-        state = load_checkpoint(args.checkpoint, map_location="cpu")
+        # latest.pt / step-*.pt, or a sharded step-*.dcp folder. Looked up on the module at call time:
+        # the one seam a test replaces to check the config without a real checkpoint.
+        state = sharded_checkpoint.load_any_checkpoint(args.checkpoint)
         # The overrides are validated with the saved config, as training validates its own: a bad
         # value is refused here, not met halfway through an evaluation.
         cfg = config_from_dict(state["config"], args.overrides)
@@ -46,7 +51,8 @@ def main(argv=None) -> int:
         return 2
     device = torch.device(args.device)
     model.to(device)
-    out = args.out or Path(args.checkpoint).parent
+    ckpt = Path(args.checkpoint)
+    out = args.out or (ckpt.parent if ckpt.is_file() or (ckpt / "trainer.pt").exists() else ckpt)
     step = int(state["step"])
     # SIGTERM / Ctrl-C stop after the running task (each finished task is already in eval-step<N>.json);
     # a second signal stops at once. Either way: a message and an exit status, not a traceback.

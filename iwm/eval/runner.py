@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from ..config import Config
+from . import TASKS
 
 PROBE_TRAIN_PER_CLASS = 40
 PROBE_VAL_PER_CLASS = 12
@@ -61,7 +62,6 @@ def probe_sets(cfg: Config, size: int, seed: int = 0):
     return (*_stack(train, tr), *_stack(val, va))
 
 
-TASKS = ("mrr", "linear", "predictor")
 
 
 @contextlib.contextmanager
