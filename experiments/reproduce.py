@@ -2,6 +2,8 @@
 
     python experiments/reproduce.py [--out runs/repro] [--doc docs/reproduction.md] [--steps N] [--seed S]
     python experiments/reproduce.py --ablation [--seeds 0 1 2] [--steps N]
+    python experiments/reproduce.py --long [--long-epochs 42] [--eval-every 384] [--seed S]
+    python experiments/reproduce.py --long --report-only [--run-folder PATH]
 
 Default mode: trains the `tiny` preset six times — conditioning none / feature / sequence, each with a
 shallow and a deep predictor, the paper's (repeated-context) predictor layout — with the same data,
@@ -14,7 +16,14 @@ plus conditioning none (repeated layout) as the floor, at the tiny preset's pred
 seed; reports mean ± std over the seeds of the MRR and the linear-probe top-1, the median step time of
 each cell, and whether the shared-vs-repeated difference is within seed noise (Welch's t test).
 
-Each mode rewrites only its own section of --doc (the other is kept) and a plot next to it. Settings
+--long: MRR against training steps. One feature-conditioned run of the `tiny` preset, the paper's
+layout, with a longer schedule (42 epochs = 2688 steps, 3x the demo) and an evaluation every 384
+steps; reports MRR, its top-1/top-5 and the linear-probe top-1 per evaluation, and whether MRR is still
+climbing at the end and where it levels off (by the rule stated in the text). --report-only writes the
+section from a run folder's eval-step*.json files without training (--run-folder: one trained
+elsewhere, for example with `python -m iwm.train` directly).
+
+Each mode rewrites only its own section of --doc (the others are kept) and a plot next to it. Settings
 that finished under --out are reused and an interrupted one resumes, so the script can be run again
 after a stop.
 """
@@ -36,6 +45,11 @@ SETTINGS = [(cond, depth) for cond in ("none", "feature", "sequence") for depth 
 ABLATION_CELLS = [("none", False), ("feature", False), ("feature", True), ("sequence", False), ("sequence", True)]
 ABLATION_DEPTH = 4          # the tiny preset's predictor depth (the layouts differ from depth 2 on)
 ABLATION_METRICS = (("mrr", "MRR"), ("linear_top1", "linear top-1"))
+# The long run: MRR against training steps, feature conditioning, the paper's layout.
+LONG_CONDITIONING = "feature"
+LONG_EPOCHS = 42            # 2688 steps on the tiny config: 3x the demo's 14 epochs
+LONG_EVAL_EVERY = 384
+LEVEL_TOL = 0.05            # MRR has levelled off when the last two evaluations differ by at most 5 %
 
 
 def layout_name(shared_context: bool) -> str:
@@ -55,6 +69,16 @@ def median_step_time(folder: Path) -> float:
             if isinstance(row, dict) and isinstance(row.get("step_time_s"), (int, float)):
                 times.append(float(row["step_time_s"]))
     return statistics.median(times) if times else math.nan
+
+
+def eval_files(folder: Path) -> list[Path]:
+    """A run folder's eval-step<N>.json files (one per evaluation during or after training), by step."""
+    return sorted(folder.glob("eval-step*.json"), key=lambda p: int(p.stem.split("step")[1]))
+
+
+def eval_points(folder: Path) -> list[dict]:
+    """The results of each evaluation of a run, in step order, each with its `step` (from the name)."""
+    return [{**json.loads(path.read_text()), "step": int(path.stem.split("step")[1])} for path in eval_files(folder)]
 
 
 def run_one(cond: str, depth: int, out: Path, steps: int, seed: int, fresh: bool,
@@ -77,8 +101,7 @@ def run_one(cond: str, depth: int, out: Path, steps: int, seed: int, fresh: bool
         cmd.append(f"optimization.max_steps={steps}")
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
-    evals = sorted(folder.glob("eval-step*.json"), key=lambda p: int(p.stem.split("step")[1]))
-    result = json.loads(evals[-1].read_text())
+    result = json.loads(eval_files(folder)[-1].read_text())
     result.update(conditioning=cond, pred_depth=depth, shared_context=shared_context, seed=seed,
                   wall_s=time.time() - t0, step_time_median_s=median_step_time(folder),
                   command=" ".join(cmd[1:]).replace(f"{ROOT}/", ""))
@@ -138,6 +161,51 @@ def _pyplot():
     return plt
 
 
+# ---- the report's table and plot, shared by every mode ---------------------------------------------
+def markdown_table(columns: list, rows: list) -> list[str]:
+    """Markdown lines of a table: `columns` are (header, alignment: "---" or "---:", cell(row) -> str)."""
+    lines = ["| " + " | ".join(head for head, _, _ in columns) + " |",
+             "|" + "|".join(align for _, align, _ in columns) + "|"]
+    return lines + ["| " + " | ".join(cell(row) for _, _, cell in columns) + " |" for row in rows]
+
+
+def bar_panels(plot: Path, labels: list, panels: list[dict]) -> None:
+    """One bar chart per panel, side by side, saved to `plot` (nothing without matplotlib). A panel:
+    values, ylabel, color, and optionally label, yerr (error bars), marks + marks_label (a tick per
+    bar), chance (a dashed line); a panel with a labelled artist gets a legend."""
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
+    for ax, panel in zip(axes, panels):
+        extra = {"yerr": panel["yerr"], "capsize": 4} if "yerr" in panel else {}
+        if "label" in panel:
+            extra["label"] = panel["label"]
+        ax.bar(labels, panel["values"], color=panel["color"], **extra)
+        if "chance" in panel:
+            ax.axhline(panel["chance"], color="k", ls="--", lw=1, label="chance")
+        if "marks" in panel:
+            ax.plot(labels, panel["marks"], "k_", ms=20, label=panel["marks_label"])
+        ax.set_ylabel(panel["ylabel"])
+        if any(key in panel for key in ("label", "chance", "marks")):
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
+
+
+def _f3(key: str):
+    return lambda row: f"{row[key]:.3f}"
+
+
+FINDINGS_COLUMNS = [("conditioning", "---", lambda r: r["conditioning"]),
+                    ("predictor depth", "---:", lambda r: str(r["pred_depth"])),
+                    ("MRR (K=256)", "---:", _f3("mrr")), ("chance", "---:", _f3("mrr_chance")),
+                    ("MRR top-1", "---:", _f3("mrr_top1")), ("MRR top-5", "---:", _f3("mrr_top5")),
+                    ("linear top-1", "---:", _f3("linear_top1")), ("linear top-5", "---:", _f3("linear_top5")),
+                    ("random-init encoder top-1", "---:", _f3("linear_random_init_top1"))]
+
+
 def write_doc(results: list[dict], doc: Path, seed: int, steps: int, total_s: float) -> None:
     layouts = sorted({layout_name(r.get("shared_context", False)) for r in results})
     lines = ["## Conditioning and predictor depth (six runs)", "",
@@ -145,35 +213,19 @@ def write_doc(results: list[dict], doc: Path, seed: int, steps: int, total_s: fl
              f"({seed}); {'full demo schedule' if not steps else f'{steps} steps'} per run; predictor layout: "
              f"{', '.join(layouts)}; {total_s / 60:.0f} min of training "
              "and evaluation recorded (a run resumed after a stop counts only its last part).",
-             "Command: `python experiments/reproduce.py" + (f" --steps {steps}" if steps else "") + f" --seed {seed}`", "",
-             "| conditioning | predictor depth | MRR (K=256) | chance | MRR top-1 | MRR top-5 | linear top-1 | "
-             "linear top-5 | random-init encoder top-1 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in results:
-        lines.append(f"| {r['conditioning']} | {r['pred_depth']} | {r['mrr']:.3f} | {r['mrr_chance']:.3f} | "
-                     f"{r['mrr_top1']:.3f} | {r['mrr_top5']:.3f} | {r['linear_top1']:.3f} | {r['linear_top5']:.3f} | "
-                     f"{r['linear_random_init_top1']:.3f} |")
+             "Command: `python experiments/reproduce.py" + (f" --steps {steps}" if steps else "") + f" --seed {seed}`", ""]
+    lines += markdown_table(FINDINGS_COLUMNS, results)
     lines += ["", "The paper's findings, checked on these numbers:", ""] + [f"- {c}" for c in findings(results)]
     plot = doc.with_suffix(".png")
     lines += ["", f"![MRR and linear probe per setting]({plot.name})", "", "Per-run commands:", ""]
     lines += [f"- `python {r['command']}`" for r in results]
     update_section(doc, "findings", "\n".join(lines))
-    plt = _pyplot()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    labels = [f"{r['conditioning']}\nd={r['pred_depth']}" for r in results]
-    axes[0].bar(labels, [r["mrr"] for r in results], color="tab:blue")
-    axes[0].axhline(results[0]["mrr_chance"], color="k", ls="--", lw=1, label="chance")
-    axes[0].set_ylabel("world-model MRR (K=256)")
-    axes[0].legend()
-    axes[1].bar(labels, [r["linear_top1"] for r in results], color="tab:green", label="pretrained")
-    axes[1].plot(labels, [r["linear_random_init_top1"] for r in results], "k_", ms=20, label="random init")
-    axes[1].set_ylabel("linear probe top-1")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(plot, dpi=110)
-    plt.close(fig)
+    bar_panels(plot, [f"{r['conditioning']}\nd={r['pred_depth']}" for r in results], [
+        {"values": [r["mrr"] for r in results], "color": "tab:blue", "chance": results[0]["mrr_chance"],
+         "ylabel": "world-model MRR (K=256)"},
+        {"values": [r["linear_top1"] for r in results], "color": "tab:green", "label": "pretrained",
+         "marks": [r["linear_random_init_top1"] for r in results], "marks_label": "random init",
+         "ylabel": "linear probe top-1"}])
 
 
 # ---- the predictor-layout ablation ------------------------------------------------------------------
@@ -258,6 +310,17 @@ def layout_verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def _mean_pm_std(key: str):
+    return lambda row: f"{row[key + '_mean']:.3f} ± {row[key + '_std']:.3f}"
+
+
+ABLATION_COLUMNS = [("conditioning", "---", lambda r: r["conditioning"]),
+                    ("predictor layout", "---", lambda r: layout_name(r["shared_context"])),
+                    ("seeds", "---:", lambda r: str(len(r["seeds"]))),
+                    ("MRR (K=256)", "---:", _mean_pm_std("mrr")), ("linear top-1", "---:", _mean_pm_std("linear_top1")),
+                    ("median step time (ms)", "---:", lambda r: f"{r['step_time_s'] * 1e3:.0f}")]
+
+
 def write_ablation_doc(results: list[dict], doc: Path, seeds: list, steps: int, depth: int) -> None:
     rows = aggregate(results)
     seed_text = " ".join(map(str, seeds))
@@ -268,37 +331,22 @@ def write_ablation_doc(results: list[dict], doc: Path, seeds: list, steps: int, 
              "never attending to mask tokens (another model from depth 2 on). Mean ± sample std over the seeds; "
              "step time = the median over runs of each run's median `step_time_s` (metrics.jsonl, data wait included).",
              "Command: `python experiments/reproduce.py --ablation" + (f" --steps {steps}" if steps else "")
-             + f" --seeds {seed_text}`", "",
-             "| conditioning | predictor layout | seeds | MRR (K=256) | linear top-1 | median step time (ms) |",
-             "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['conditioning']} | {layout_name(r['shared_context'])} | {len(r['seeds'])} | "
-                     f"{r['mrr_mean']:.3f} ± {r['mrr_std']:.3f} | "
-                     f"{r['linear_top1_mean']:.3f} ± {r['linear_top1_std']:.3f} | "
-                     f"{r['step_time_s'] * 1e3:.0f} |")
+             + f" --seeds {seed_text}`", ""]
+    lines += markdown_table(ABLATION_COLUMNS, rows)
     verdicts = layout_verdicts(rows)
     lines += ["", "Shared minus repeated, judged against the spread over seeds (Welch's t test, two-sided 95 %):", ""]
     lines += [f"- {v}" for v in verdicts] or ["- no conditioning has both layouts in these results"]
     plot = doc.with_name(doc.stem + "-ablation.png")
     lines += ["", f"![MRR and linear probe per layout, mean ± std over seeds]({plot.name})"]
     update_section(doc, "ablation", "\n".join(lines))
-    plt = _pyplot()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    labels = [f"{r['conditioning']}\n{layout_name(r['shared_context'])}" for r in rows]
     colours = ["tab:orange" if r["shared_context"] else "tab:blue" for r in rows]
-    for ax, (key, label) in zip(axes, ABLATION_METRICS):
-        ax.bar(labels, [r[key + "_mean"] for r in rows], yerr=[0 if math.isnan(r[key + "_std"]) else r[key + "_std"]
-                                                               for r in rows], color=colours, capsize=4)
-        ax.set_ylabel(label)
-    axes[0].axhline(rows[0]["mrr_chance"], color="k", ls="--", lw=1, label="chance")
-    axes[0].legend()
-    axes[2].bar(labels, [r["step_time_s"] * 1e3 for r in rows], color=colours)
-    axes[2].set_ylabel("median step time (ms)")
-    fig.tight_layout()
-    fig.savefig(plot, dpi=110)
-    plt.close(fig)
+    panels = [{"values": [r[key + "_mean"] for r in rows], "color": colours, "ylabel": label,
+               "yerr": [0 if math.isnan(r[key + "_std"]) else r[key + "_std"] for r in rows]}
+              for key, label in ABLATION_METRICS]
+    panels[0]["chance"] = rows[0]["mrr_chance"]
+    panels.append({"values": [r["step_time_s"] * 1e3 for r in rows], "color": colours,
+                   "ylabel": "median step time (ms)"})
+    bar_panels(plot, [f"{r['conditioning']}\n{layout_name(r['shared_context'])}" for r in rows], panels)
 
 
 def run_ablation(args) -> list[dict]:
@@ -311,6 +359,174 @@ def run_ablation(args) -> list[dict]:
     return results
 
 
+# ---- MRR against training steps: one long run ----------------------------------------------------
+def long_folder(out: Path, epochs: int, every: int, seed: int) -> Path:
+    """The long run's folder: every setting that changes its curve is in the name."""
+    return out / f"{LONG_CONDITIONING}-repeated-seed{seed}-epochs{epochs}-eval{every}"
+
+
+def long_command(folder: Path, epochs: int, every: int, seed: int) -> list[str]:
+    return [sys.executable, "-m", "iwm.train", "--config", str(ROOT / "configs" / "tiny.yaml"),
+            f"meta.conditioning={LONG_CONDITIONING}", "meta.shared_context=false", f"meta.seed={seed}",
+            f"optimization.epochs={epochs}", f"eval.every={every}", f"logging.folder={folder}",
+            "logging.progress_bar=off", "eval.tasks=[mrr, linear]"]
+
+
+def run_long(out: Path, epochs: int, every: int, seed: int, fresh: bool) -> Path:
+    """Train the long run unless it finished under `out` (reused; an interrupted one resumes)."""
+    folder = long_folder(out, epochs, every, seed)
+    summary = folder / "reproduce.json"
+    if summary.exists() and not fresh:
+        return folder
+    cmd = long_command(folder, epochs, every, seed) + (["meta.load_checkpoint=false"] if fresh else [])
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    summary.write_text(json.dumps({"command": " ".join(cmd[1:]).replace(f"{ROOT}/", ""), "wall_s": time.time() - t0,
+                                   "eval_steps": [p["step"] for p in eval_points(folder)]}, indent=1))
+    return folder
+
+
+def run_settings(folder: Path, epochs: int, every: int, seed: int) -> dict:
+    """What the run in `folder` was trained with: its config.yaml (the trainer's full dump) where there
+    is one, else the --long settings; `planned_steps` is None when the folder does not say."""
+    settings = {"conditioning": LONG_CONDITIONING, "shared_context": False, "preset": "tiny", "epochs": epochs,
+                "every": every, "seed": seed, "planned_steps": None}
+    path = folder / "config.yaml"
+    if not path.exists():
+        return settings
+    import yaml  # the trainer's own dependency
+
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+        meta, opt, data = cfg.get("meta", {}), cfg.get("optimization", {}), cfg.get("data", {})
+        settings.update(conditioning=meta.get("conditioning", LONG_CONDITIONING),
+                        shared_context=bool(meta.get("shared_context", False)), preset=meta.get("preset", "tiny"),
+                        epochs=opt.get("epochs", epochs), every=cfg.get("eval", {}).get("every", every),
+                        seed=meta.get("seed", seed))
+        if opt.get("max_steps", 0) > 0:
+            settings["planned_steps"] = opt["max_steps"]
+        elif data.get("dataset") == "builtin" and data.get("builtin_samples") and data.get("batch_size"):
+            # one process: steps per epoch = samples // batch
+            settings["planned_steps"] = settings["epochs"] * (data["builtin_samples"] // data["batch_size"])
+    except (yaml.YAMLError, AttributeError, TypeError) as err:
+        raise ValueError(f"--run-folder: cannot read {path}: {err}") from None
+    return settings
+
+
+def relative_change(a: float, b: float) -> float:
+    """b - a as a fraction of the larger magnitude (symmetric: "within tol of each other" either way)."""
+    scale = max(abs(a), abs(b))
+    return (b - a) / scale if scale else 0.0
+
+
+def levelling(steps: list, values: list, tol: float = LEVEL_TOL) -> dict:
+    """Is the curve still climbing at its end? `state`: climbing / levelled / falling, by the change
+    between the last two evaluations against `tol`; `level_step`: the first evaluation from which every
+    later one is within `tol` of the last value (None while climbing)."""
+    if len(values) < 2:
+        return {"state": "too short", "change": math.nan, "level_step": None}
+    change = relative_change(values[-2], values[-1])
+    state = "climbing" if change > tol else "falling" if change < -tol else "levelled"
+    level_step = None
+    if state != "climbing":
+        first = len(values) - 1
+        while first > 0 and abs(relative_change(values[first - 1], values[-1])) <= tol:
+            first -= 1
+        level_step = steps[first]
+    return {"state": state, "change": change, "level_step": level_step}
+
+
+def long_verdict(points: list[dict], tol: float = LEVEL_TOL) -> str:
+    steps, mrr = [p["step"] for p in points], [p["mrr"] for p in points]
+    lev = levelling(steps, mrr, tol)
+    if lev["state"] == "too short":
+        return "cannot tell: fewer than two evaluations"
+    tail = (f"from step {steps[-2]} to step {steps[-1]} MRR went {mrr[-2]:.3f} -> {mrr[-1]:.3f} "
+            f"({lev['change'] * 100:+.1f} %)")
+    if lev["state"] == "climbing":
+        return (f"MRR is still climbing at the end: {tail}, more than {tol * 100:.0f} %; "
+                f"it has not levelled off by step {steps[-1]}")
+    if lev["state"] == "falling":
+        return f"MRR is not climbing at the end, it falls: {tail}, more than {tol * 100:.0f} %; no level stretch yet"
+    return (f"MRR has levelled off: {tail}, within {tol * 100:.0f} %; it levels off at step {lev['level_step']}, "
+            f"from which every evaluation is within {tol * 100:.0f} % of the last ({mrr[-1]:.3f})")
+
+
+def _f3_or_dash(key: str):
+    return lambda row: f"{row[key]:.3f}" if isinstance(row.get(key), (int, float)) else "–"
+
+
+LONG_COLUMNS = [("step", "---:", lambda r: str(r["step"])), ("MRR (K=256)", "---:", _f3_or_dash("mrr")),
+                ("MRR top-1", "---:", _f3_or_dash("mrr_top1")), ("MRR top-5", "---:", _f3_or_dash("mrr_top5")),
+                ("linear top-1", "---:", _f3_or_dash("linear_top1"))]
+
+
+def demo_epochs() -> "int | None":
+    """The demo's length (configs/tiny.yaml), to say how much longer the long run is."""
+    import yaml
+
+    path = ROOT / "configs" / "tiny.yaml"
+    return (yaml.safe_load(path.read_text()).get("optimization") or {}).get("epochs") if path.exists() else None
+
+
+def write_long_doc(folder: Path, doc: Path, epochs: int, every: int, seed: int) -> None:
+    """The `long` section of doc from the eval-step*.json files in folder, and its plot."""
+    points = [p for p in eval_points(folder) if isinstance(p.get("mrr"), (int, float))]
+    if not points:
+        raise ValueError(f"--run-folder: no eval-step*.json with an MRR in {folder}")
+    st = run_settings(folder, epochs, every, seed)
+    planned = st["planned_steps"]
+    length = f"{st['epochs']} epochs" + (f" ({planned} steps)" if planned else "")
+    demo = demo_epochs()
+    if demo and st["preset"] == "tiny":
+        length += f", {st['epochs'] / demo:.1f}x the demo's {demo}"
+    flags = "".join(f" {flag} {value}" for flag, value, default in
+                    (("--long-epochs", st["epochs"], LONG_EPOCHS), ("--eval-every", st["every"], LONG_EVAL_EVERY),
+                     ("--seed", st["seed"], 0)) if value != default)
+    train = " ".join(long_command(long_folder(Path("runs/repro"), st["epochs"], st["every"], st["seed"]),
+                                  st["epochs"], st["every"], st["seed"])[1:]).replace(f"{ROOT}/", "")
+    plot = doc.with_name(doc.stem + "-long.png")
+    lines = ["## MRR against training steps (one long run)", "",
+             f"`{st['preset']}` preset, conditioning {st['conditioning']}, predictor layout "
+             f"{layout_name(st['shared_context'])}, seed {st['seed']}; {length}, evaluated every {st['every']} steps "
+             f"and at the end (MRR over K=256 candidates, chance {points[0].get('mrr_chance', math.nan):.3f}; "
+             "linear probe top-1). Run folder: `" + folder.name + "`.",
+             f"Command: `python experiments/reproduce.py --long{flags}` (it trains `python {train}`; "
+             "`--long --report-only --run-folder PATH` writes this section from a finished folder).", ""]
+    if st["conditioning"] != LONG_CONDITIONING or st["shared_context"]:
+        lines += ["Note: this folder was not trained with --long's settings "
+                  "(feature conditioning, repeated layout).", ""]
+    if planned and points[-1]["step"] < planned:
+        lines += [f"Partial: the run has not finished (last evaluation at step {points[-1]['step']} of {planned}).",
+                  ""]
+    lines += markdown_table(LONG_COLUMNS, points)
+    tol = f"{LEVEL_TOL * 100:.0f} %"
+    lines += ["", f"Rule: MRR has levelled off when the last two evaluations differ by at most {tol} (of the "
+              "larger), and it is still climbing when the last is more than that above; it levels off at the "
+              f"first evaluation from which every later one stays within {tol} of the last.", "",
+              f"- {long_verdict(points)}", "",
+              f"![MRR and linear probe against training steps]({plot.name})"]
+    update_section(doc, "long", "\n".join(lines))
+    plt = _pyplot()
+    if plt is None:
+        return
+    steps = [p["step"] for p in points]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    axes[0].plot(steps, [p["mrr"] for p in points], "o-", color="tab:blue")
+    if isinstance(points[0].get("mrr_chance"), (int, float)):
+        axes[0].axhline(points[0]["mrr_chance"], color="k", ls="--", lw=1, label="chance")
+        axes[0].legend()
+    axes[0].set_ylabel("world-model MRR (K=256)")
+    probe = [p for p in points if isinstance(p.get("linear_top1"), (int, float))]
+    axes[1].plot([p["step"] for p in probe], [p["linear_top1"] for p in probe], "o-", color="tab:green")
+    axes[1].set_ylabel("linear probe top-1")
+    for ax in axes:
+        ax.set_xlabel("training step")
+    fig.tight_layout()
+    fig.savefig(plot, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "repro")
@@ -320,7 +536,39 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation", action="store_true", help="run the predictor-layout ablation instead")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the ablation's seeds")
     parser.add_argument("--fresh", action="store_true", help="retrain settings that already finished under --out")
+    parser.add_argument("--long", action="store_true", help="one long feature-conditioned run: MRR against steps")
+    parser.add_argument("--long-epochs", type=int, default=LONG_EPOCHS, help="the long run's epochs")
+    parser.add_argument("--eval-every", type=int, default=LONG_EVAL_EVERY,
+                        help="the long run's steps between evaluations")
+    parser.add_argument("--report-only", action="store_true", help="--long: write the section, train nothing")
+    parser.add_argument("--run-folder", type=Path, help="--long --report-only: the run folder to report "
+                        "(default: the --long folder under --out)")
     args = parser.parse_args(argv)
+    if args.long and args.ablation:
+        parser.error("--long: not together with --ablation")
+    for flag, value in (("--long-epochs", args.long_epochs), ("--eval-every", args.eval_every)):
+        if value < 1:
+            parser.error(f"{flag}: must be at least 1, got {value}")
+    if not args.long and (args.report_only or args.run_folder is not None):
+        parser.error("--report-only / --run-folder: only with --long")
+    if args.run_folder is not None and not args.report_only:
+        parser.error("--run-folder: only with --report-only (--long trains into its own folder under --out)")
+    if args.long and args.steps:
+        parser.error("--steps: not used by --long (set its length with --long-epochs)")
+    if args.long:
+        if args.report_only:
+            folder = args.run_folder or long_folder(args.out, args.long_epochs, args.eval_every, args.seed)
+            if not folder.is_dir():
+                parser.error(f"--run-folder: {folder} is not a folder")
+        else:
+            args.out.mkdir(parents=True, exist_ok=True)
+            folder = run_long(args.out, args.long_epochs, args.eval_every, args.seed, args.fresh)
+        try:
+            write_long_doc(folder, args.doc, args.long_epochs, args.eval_every, args.seed)
+        except ValueError as err:
+            parser.error(str(err))
+        print(args.doc.read_text())
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     if args.ablation:
         results = run_ablation(args)

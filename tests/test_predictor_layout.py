@@ -155,16 +155,17 @@ def example_tables() -> dict:
     return tables
 
 
-def readme_table(name: str) -> str:
-    text = ROOT.joinpath("README.md").read_text()
+def readme_table(name: str, doc: str = "README.md") -> str:
+    text = ROOT.joinpath(doc).read_text()
     match = re.search(rf"<!-- mask-table: {name} -->\n((?:[ \t]*\|.*\n)+)", text)
-    assert match, f"README.md has no table after <!-- mask-table: {name} -->"
+    assert match, f"{doc} has no table after <!-- mask-table: {name} -->"
     return "\n".join(line.strip() for line in match.group(1).splitlines())
 
 
+@pytest.mark.parametrize("doc", ["README.md", "docs/design.md"])
 @pytest.mark.parametrize("name", ["repeated", "shared"])
-def test_readme_layout_pictures_are_the_reference_output(name):
-    assert readme_table(name) == example_tables()[name], "regenerate with: python -m tests.test_predictor_layout"
+def test_readme_layout_pictures_are_the_reference_output(name, doc):
+    assert readme_table(name, doc) == example_tables()[name], "regenerate with: python -m tests.test_predictor_layout"
 
 
 def test_mask_table_draws_the_rule(seed):
