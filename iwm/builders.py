@@ -4,7 +4,7 @@ into them. Used by `iwm.train` (the Trainer), `iwm.eval` and the benchmarks; non
 other for it."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -87,11 +87,9 @@ class RankMasks:
 
 
 def augment_config(cfg: Config) -> aug.AugmentConfig:
-    a = cfg.augment
-    return aug.AugmentConfig(out_size=cfg.data.crop_size, jitter_p=a.jitter_p, brightness=a.brightness,
-                             contrast=a.contrast, saturation=a.saturation, hue=a.hue, grayscale_p=a.grayscale_p,
-                             blur_p=a.blur_p, blur_sigma=tuple(a.blur_sigma), solarize_p=a.solarize_p,
-                             solarize_threshold=a.solarize_threshold)
+    """The config's augment section (every AugmentSettings field) with the output size and crop scale."""
+    settings = {f.name: getattr(cfg.augment, f.name) for f in fields(aug.AugmentSettings)}
+    return aug.AugmentConfig(**settings, out_size=cfg.data.crop_size, crop_scale=tuple(cfg.data.crop_scale))
 
 
 def build_dataset(cfg: Config, seed: int):
@@ -99,6 +97,11 @@ def build_dataset(cfg: Config, seed: int):
     if d.dataset == "builtin":
         return BuiltinPhotos(d.crop_size, d.builtin_samples, split="train", seed=seed, scale=tuple(d.crop_scale),
                              ratio=tuple(cfg.augment.crop_ratio), flip_p=cfg.augment.flip_p)
+    if d.dataset == "webdataset":
+        from .shards import ShardDataset
+
+        return ShardDataset(d.shards, d.crop_size, seed=seed, scale=tuple(d.crop_scale),
+                            ratio=tuple(cfg.augment.crop_ratio), flip_p=cfg.augment.flip_p, decode=d.decode)
     root = Path(d.root_path) / d.image_folder if d.root_path else Path(d.image_folder)
     return ImageFolderDataset(root, d.crop_size, seed=seed, scale=tuple(d.crop_scale),
                               ratio=tuple(cfg.augment.crop_ratio), flip_p=cfg.augment.flip_p, decode=d.decode)

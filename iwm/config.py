@@ -17,6 +17,9 @@ from typing import Any, Optional
 
 import yaml
 
+from .augment_settings import AugmentSettings
+from .eval import TASKS as EVAL_TASKS  # the eval package owns the list (importing it is light)
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message starts with the dotted key."""
@@ -60,12 +63,11 @@ def _refuse_duplicate_keys(node: yaml.Node, path: str, visited: set) -> None:
 
 @dataclass
 class DataConfig:
-    dataset: str = "builtin"              # builtin | imagefolder
+    dataset: str = "builtin"              # builtin | imagefolder | webdataset
     root_path: str = ""                   # imagefolder: root directory (I-JEPA: root_path + image_folder)
     image_folder: str = ""
     val_folder: str = ""                  # imagefolder probe: labelled val split (train split = image_folder)
     builtin_samples: int = 4096           # builtin: crops per epoch
-    builtin_raw_size: int = 96            # builtin: side of the raw crop handed to the augmentation
     batch_size: int = 128                 # per process
     crop_size: int = 224
     crop_scale: tuple[float, float] = (0.3, 1.0)
@@ -73,8 +75,12 @@ class DataConfig:
     pin_mem: bool = True
     # imagefolder: how a worker turns a file into its crop (iwm.image_decode): draft = JPEG decoded at the
     # reduced DCT scale the crop allows (fast; equal to pil up to resampling), pil = full decode (the
-    # reference), gpu = workers read bytes, nvJPEG decodes on the device (needs CUDA and torchvision).
+    # reference), gpu = workers read bytes, nvJPEG decodes on the device (needs CUDA and torchvision),
+    # fast = only the crop's region decoded (system libjpeg-turbo) and resized by torch's uint8 kernel.
     decode: str = "draft"
+    # webdataset: the tar shards (iwm.shards), a pattern such as "/data/train-{000000..000099}.tar" (also
+    # {a,b} lists and * globs) or a list of patterns; indexed once at start, read by offset.
+    shards: Any = ""
     # I-JEPA keys, accepted for compatibility (IWM's augmentations are configured under `augment`).
     color_jitter_strength: float = 0.0
     use_color_distortion: bool = False
@@ -118,6 +124,12 @@ class MetaConfig:
     # that died, hung or was stopped). Must exceed the longest pause of one rank: a mid-run evaluation
     # (eval.every) runs on rank 0 alone while the others wait.
     dist_timeout_s: float = 600.0
+    # More than one process: ddp (replicas) | fsdp2 (parameters, gradients, AdamW state sharded; iwm.parallel).
+    parallel: str = "ddp"
+    # Recompute encoder/predictor block activations in the backward: none | blocks | every_k (blocks
+    # 0, k, 2k, ... with k = activation_checkpointing_every). Same gradients, less activation memory.
+    activation_checkpointing: str = "none"
+    activation_checkpointing_every: int = 2
     # I-JEPA keys, accepted for compatibility.
     copy_data: bool = False
 
@@ -138,19 +150,9 @@ class OptimizationConfig:
 
 
 @dataclass
-class AugmentConfigSection:
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 0.2
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.1
-    solarize_threshold: float = 0.5
+class AugmentConfigSection(AugmentSettings):
+    """iwm.augment_settings.AugmentSettings (the augmentation's settings and bounds, defined once) plus
+    the photometric kernel's backend."""
     backend: str = ""                     # photometric kernel backend ("" = automatic)
 
 
@@ -199,15 +201,27 @@ class Config:
                 for s in dataclasses.fields(self) if s.name != "explicit"}
 
 
+def _owned_choices() -> dict:
+    """The choice lists other modules own, imported when a config is validated (not when iwm.config is
+    imported: those modules import torch, and loader workers import iwm.config)."""
+    from iwm_kernels import BACKENDS
+
+    from .image_decode import DECODE_MODES
+    from .masks import CONTEXT_MODES
+    from .models.iwm import LOSSES
+    from .models.predictor import CONDITIONING
+    from .parallel import CHECKPOINT_MODES, PARALLEL_MODES
+
+    return {("data", "decode"): DECODE_MODES, ("mask", "context_mode"): CONTEXT_MODES,
+            ("meta", "conditioning"): CONDITIONING, ("meta", "loss"): LOSSES,
+            ("meta", "kernel_backend"): ("",) + BACKENDS, ("meta", "parallel"): PARALLEL_MODES,
+            ("meta", "activation_checkpointing"): CHECKPOINT_MODES, ("augment", "backend"): ("",) + BACKENDS}
+
+
+# The lists config.py owns.
 _CHOICES = {
-    ("data", "dataset"): ("builtin", "imagefolder"),
-    ("data", "decode"): ("draft", "pil", "gpu"),
-    ("mask", "context_mode"): ("complement", "block"),
-    ("meta", "conditioning"): ("none", "feature", "sequence"),
-    ("meta", "loss"): ("l2", "smooth_l1"),
+    ("data", "dataset"): ("builtin", "imagefolder", "webdataset"),
     ("meta", "device"): ("auto", "cpu", "cuda"),
-    ("meta", "kernel_backend"): ("", "reference", "triton", "native"),
-    ("augment", "backend"): ("", "reference", "triton", "native"),
     ("logging", "progress_bar"): ("auto", "on", "off"),
 }
 
@@ -324,7 +338,6 @@ def _check_range(key: str, value: tuple, lo: float, hi: float, length: int = 2, 
         raise ConfigError(f"{key}: expected {lo} {relation} low <= high <= {hi}, got {list(value)}")
 
 
-EVAL_TASKS = ("mrr", "linear", "predictor")
 # A file-name stem: no separator, no "..", not hidden; what `logging.write_tag` names (`<tag>.csv`).
 _FILE_STEM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _PATH_KEYS = (("data", "root_path"), ("data", "image_folder"), ("data", "val_folder"), ("logging", "folder"),
@@ -372,6 +385,7 @@ def _check_model(cfg: Config) -> None:
         raise ConfigError(f"meta.seed: must be within [0, 2**63), got {m.seed}")
     if not m.dist_timeout_s > 0:
         raise ConfigError(f"meta.dist_timeout_s: must be a positive number of seconds, got {m.dist_timeout_s}")
+    _at_least("meta.activation_checkpointing_every", m.activation_checkpointing_every, 1)
 
 
 def _check_data_and_masks(cfg: Config) -> None:
@@ -384,8 +398,13 @@ def _check_data_and_masks(cfg: Config) -> None:
     _at_least("data.num_workers", d.num_workers, 0)
     if d.dataset == "imagefolder" and not (d.root_path or d.image_folder):
         raise ConfigError("data.image_folder: required when data.dataset is imagefolder")
+    if d.dataset == "webdataset":
+        patterns = [d.shards] if isinstance(d.shards, str) else d.shards
+        if not isinstance(patterns, (list, tuple)) or not patterns or not all(
+                isinstance(p, str) and p.strip() for p in patterns):
+            raise ConfigError(f"data.shards: required when data.dataset is webdataset (a pattern such as "
+                              f"/data/train-{{000000..000099}}.tar, or a list of them), got {d.shards!r}")
     _at_least("data.builtin_samples", d.builtin_samples, 1)
-    _at_least("data.builtin_raw_size", d.builtin_raw_size, 8)
     _at_least("data.color_jitter_strength", d.color_jitter_strength, 0.0)
     _check_range("data.crop_scale", d.crop_scale, 0.0, 1.0, low_open=True)
     _check_range("mask.enc_mask_scale", m.enc_mask_scale, 0.0, 1.0, low_open=True)
@@ -417,17 +436,10 @@ def _check_optimization(cfg: Config) -> None:
 
 
 def _check_augment(cfg: Config) -> None:
-    a = cfg.augment
-    for key in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p", "solarize_threshold"):
-        v = getattr(a, key)
-        if not 0.0 <= v <= 1.0:
-            raise ConfigError(f"augment.{key}: must be within [0, 1], got {v}")
-    for key in ("brightness", "contrast", "saturation"):
-        _at_least(f"augment.{key}", getattr(a, key), 0.0)
-    if a.hue > 0.5 or a.hue < 0:
-        raise ConfigError(f"augment.hue: must be within [0, 0.5], got {a.hue}")
-    _check_range("augment.blur_sigma", a.blur_sigma, 0.0, 100.0)
-    _check_range("augment.crop_ratio", a.crop_ratio, 1e-3, 1e3)
+    try:  # the bounds of AugmentSettings, the one definition; its message starts with the field's name
+        cfg.augment.check()
+    except ValueError as exc:
+        raise ConfigError(f"augment.{exc}") from None
 
 
 def _check_logging(cfg: Config) -> None:
@@ -481,6 +493,9 @@ def check_eval_tasks(cfg: Config, tasks) -> None:
     d = cfg.data
     # Every task reads the labelled val split (MRR's images, the probes' held-out set); the builtin
     # photographs have one, an ImageFolder only through data.val_folder.
+    if tasks and d.dataset == "webdataset" and not (d.image_folder and d.val_folder):
+        raise ConfigError(f"data.val_folder: evaluation {', '.join(tasks)} of a webdataset run reads labelled "
+                          f"ImageFolder splits (set data.image_folder and data.val_folder, or eval.tasks=[])")
     if tasks and d.dataset == "imagefolder" and not d.val_folder:
         raise ConfigError(f"data.val_folder: evaluation {', '.join(tasks)} on an ImageFolder dataset needs a "
                           f"labelled val split (set data.val_folder, or eval.tasks=[] to skip evaluation)")
@@ -503,7 +518,7 @@ def _check_eval(cfg: Config) -> None:
 def validate(cfg: Config) -> Config:
     """Impossible values are errors here, before any work starts. (Whether the data folders exist is
     `check_data_paths`'s question: a config stays loadable on a machine without the data.)"""
-    for (section, key), choices in _CHOICES.items():
+    for (section, key), choices in {**_CHOICES, **_owned_choices()}.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
@@ -527,11 +542,20 @@ def check_data_paths(cfg: Config, eval_tasks=None) -> None:
     """The ImageFolder directories the run reads exist and hold class folders: a ConfigError before
     any work, not a traceback after the model is built (or, for the val split, after training).
     eval_tasks: the evaluations to be run (default: those training will run)."""
-    if cfg.data.dataset != "imagefolder":
+    if cfg.data.dataset == "webdataset":  # the shards exist (their contents are indexed at start)
+        from .shards import shard_paths
+
+        try:
+            shard_paths(cfg.data.shards)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(str(exc)) from None
+    elif cfg.data.dataset != "imagefolder":
         return
     tasks = scheduled_eval_tasks(cfg) if eval_tasks is None else tuple(eval_tasks)
     check_eval_tasks(cfg, tasks)
-    for key in ("image_folder",) + (("val_folder",) if tasks else ()):
+    # webdataset: the evaluations read labelled image folders (data.image_folder, data.val_folder).
+    train_folder = cfg.data.dataset == "imagefolder" or bool(tasks)
+    for key in (("image_folder",) if train_folder else ()) + (("val_folder",) if tasks else ()):
         folder = data_folder(cfg, key)
         where = f"{folder} (data.root_path + data.{key})" if cfg.data.root_path else str(folder)
         if not folder.is_dir():

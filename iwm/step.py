@@ -27,7 +27,10 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+import iwm_kernels
+
 from . import augment as aug
+from . import parallel as parallelism
 from .models import IWM
 
 # The columns of a step's device row, in order.
@@ -85,42 +88,58 @@ class TrainStep:
     model: the IWM (its parameters on `device`); optimizer: AdamW over its trainable parameters (fused
     where the device has it: iwm.builders.build_optimizer); the learning rate and weight decay of the
     step are already in its param groups (iwm.schedules.apply_lr_wd).
-    seed, global_batch, rank, batch_size: the view parameters are sampled for the global batch from
-    (seed, step) and sliced for this rank, so N processes render what one process would.
-    distributed: wrap the differentiable part in DDP; compile: torch.compile it (after DDP).
+    seed, global_batch, rank, batch_size: the photometric view parameters are sampled for the global
+    batch from (seed, step) and sliced for this rank, so N processes render what one process would (the
+    crops come with the batch: `views`).
+    distributed: more than one process; parallel: how they split the work, "ddp" (replicas, gradients
+    all-reduced) or "fsdp2" (iwm.parallel.shard_model: parameters, gradients and AdamW state sharded;
+    the optimizer is rebound to the sharded parameters in place). compile: torch.compile the result.
+    activation_checkpointing ("none" | "blocks" | "every_k", with activation_checkpointing_every = k):
+    recompute encoder / predictor block activations in the backward (iwm.parallel), applied before wrapping.
     """
 
     def __init__(self, model: IWM, optimizer: torch.optim.Optimizer, *, device: torch.device,
                  aug_cfg: aug.AugmentConfig, seed: int, global_batch: int, rank: int = 0, batch_size: int,
                  grad_clip: float = 0.0, use_bfloat16: bool = False, augment_backend: Optional[str] = None,
-                 distributed: bool = False, compile: bool = False):
+                 distributed: bool = False, compile: bool = False, parallel: str = "ddp",
+                 activation_checkpointing: str = "none", activation_checkpointing_every: int = 1):
         self.model, self.optimizer, self.device = model, optimizer, device
         self.aug_cfg, self.seed, self.global_batch = aug_cfg, seed, global_batch
         self.rank, self.batch_size, self.grad_clip = rank, batch_size, grad_clip
         self.augment_backend = augment_backend or None
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bfloat16)
         self.nvtx = device.type == "cuda"
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.fused = bool(optimizer.defaults.get("fused")) and all(g.get("fused") for g in optimizer.param_groups)
-        # The differentiable part, wrapped in one place: DDP hooks its backward, torch.compile compiles it.
+        if parallel not in parallelism.PARALLEL_MODES:
+            raise ValueError(f"parallel: {parallel!r} is not one of {', '.join(parallelism.PARALLEL_MODES)}")
+        parallelism.apply_activation_checkpointing(model, activation_checkpointing, activation_checkpointing_every)
+        # FSDP2 only with more than one process (one process has nothing to shard).
+        self.sharded = distributed and parallel == "fsdp2"
+        # The differentiable part, wrapped in one place: DDP or FSDP2 hooks its backward, torch.compile compiles it.
         self.forward_module: torch.nn.Module = model
-        if distributed:
+        if self.sharded:
+            names = parallelism.parameter_names(model)
+            parallelism.shard_model(model, use_bfloat16=use_bfloat16)
+            parallelism.rebind_optimizer(optimizer, names, model)
+        elif distributed:
             self.forward_module = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.fused = bool(optimizer.defaults.get("fused")) and all(g.get("fused") for g in optimizer.param_groups)
         if compile:
             self.forward_module = torch.compile(self.forward_module)
         self.compiled = compile
         self.on_phase_end: Optional[Callable[[str], None]] = None
 
     # ------------------------------------------------------------------ the phases
-    def views(self, images: torch.Tensor, step: int):
-        """Both views and the action for this rank's samples, from the global batch's parameters."""
-        gen = aug.generator_for_step(self.seed, step)
-        params = aug.sample_view_params(self.global_batch, self.aug_cfg, gen)
-        lo = self.rank * self.batch_size
-        params = params.slice(lo, lo + images.shape[0])
+    def views(self, images: torch.Tensor, step: int, geometry: Optional[aug.Geometry] = None) -> aug.Views:
+        """Both views, the action and the parameters of this rank's samples: the photometric parameters
+        drawn for the global batch from (seed, step) and sliced for this rank; the crop and flip those the
+        loader workers applied (`geometry`, iwm.data.Batch.geometry, checked there; None: the images as
+        they are, the whole image). Nothing geometric is drawn here."""
+        params = aug.batch_view_params(self.aug_cfg, seed=self.seed, step=step, global_batch=self.global_batch,
+                                       start=self.rank * self.batch_size, count=images.shape[0], geometry=geometry)
         source, target = aug.render_views(images, params, self.aug_cfg, backend=self.augment_backend)
-        return source, target, aug.action_from_params(params).to(images.device, non_blocking=True)
+        return aug.Views(source, target, aug.action_from_params(params).to(images.device, non_blocking=True), params)
 
     def forward(self, source, target, masks, action):
         with self.autocast:
@@ -133,11 +152,16 @@ class TrainStep:
 
     def clip(self) -> torch.Tensor:
         """The global gradient norm (clipped to grad_clip when > 0): with the loss, it tells whether the
-        update is finite. It is computed after DDP's all-reduce, so every rank gets the same answer."""
+        update is finite. It is computed after DDP's all-reduce, so every rank gets the same answer.
+        Under FSDP2 the gradients are DTensor shards: torch's norm sums the shards' squares over the ranks
+        (so the clip is the global one) and comes back as a DTensor, made a plain tensor here (on the
+        device: no host read) for the non-finite flag and the step's row."""
         if self.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            return parallelism.full_norm(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
         grads = [p.grad for p in self.params if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return parallelism.full_norm(torch.nn.utils.get_total_norm(grads))
 
     def adamw(self, found_inf: torch.Tensor) -> None:
         """optimizer.step(), a no-op on the device when found_inf is 1 (no host read).
@@ -166,25 +190,24 @@ class TrainStep:
         return out
 
     def ema(self, momentum: float, found_inf: torch.Tensor) -> None:
-        """target <- m * target + (1 - m) * encoder; on a skipped step m = 1 (exact: the target stays).
+        """target <- m * target + (1 - m) * encoder; on a skipped step m = 1 (exact: the target stays
+        bit-identical, on every device).
 
-        On the GPU the momentum is a device tensor the kernel reads (no sync). A CPU momentum tensor is
-        checked on the host, so on the CPU the float is passed and a skipped step's EMA moves towards
-        the (unchanged, finite) encoder; the trainer stops at the next read without saving, so that
-        state never reaches a checkpoint."""
-        if self.device.type == "cuda":
-            m = found_inf + (1.0 - found_inf) * momentum  # m exactly at 0, exactly 1 at 1
-            self.model.update_target(m)
-        else:
-            self.model.update_target(momentum)
+        m is a 0-dim fp64 tensor on the device made from the skip flag, which only the kernel reads
+        (check_values=False: it is valid by construction, and a CPU tensor is then not read on the host
+        either); fp64, so a good step's m is the float itself."""
+        skipped = found_inf.to(torch.float64)
+        m = skipped + (1.0 - skipped) * momentum  # exactly `momentum` at 0, exactly 1 at 1
+        iwm_kernels.ema_update_(self.model.target_encoder, self.model.encoder, m, check_values=False)
 
     # ------------------------------------------------------------------ the step
     def __call__(self, images: torch.Tensor, masks, step: int, momentum: float, *,
-                 poison_loss: bool = False) -> StepResult:
-        """images: this rank's uint8 batch on the device; masks: its MaskBatch (CPU or device).
+                 geometry: Optional[aug.Geometry] = None, poison_loss: bool = False) -> StepResult:
+        """images: this rank's uint8 batch on the device; masks: its MaskBatch (CPU or device);
+        geometry: the crops and flips the loader applied to the images (iwm.data.Batch.geometry).
         poison_loss: multiply the loss by NaN (fault injection for the tests)."""
         with self._phase("views"):
-            source, target, action = self.views(images, step)
+            source, target, action, _ = self.views(images, step, geometry)
         with self._phase("masks"):
             masks = masks.to(self.device, non_blocking=True) if self.device.type == "cuda" else masks.to(self.device)
         with self._phase("forward"):

@@ -30,6 +30,8 @@ from .distributed import DistInfo, DistributedError, all_reduce_mean, init_distr
 from .image_decode import gpu_decode_problem
 from .metrics import MetricsWriter, Progress, format_duration, peak_memory_mb, plot_run
 from .schedules import Schedules, apply_lr_wd
+from .sharded_checkpoint import full_state_dict, load_sharded, load_trainer_state, save_sharded
+from .parallel import describe as describe_parallel
 from .step import ROW_COLUMNS, TrainStep, profiled_submodules
 from .stopping import StopFlag, blocked_stop_signals
 
@@ -47,7 +49,7 @@ class Trainer:
         self.cfg = cfg
         check_data_paths(cfg)  # a missing data folder is an error now, not after the model is built
         self.device = resolve_device(cfg)
-        if cfg.data.dataset == "imagefolder" and cfg.data.decode == "gpu":
+        if cfg.data.dataset in ("imagefolder", "webdataset") and cfg.data.decode == "gpu":
             problem = gpu_decode_problem(self.device)
             if problem:  # at start, not in the first step's worker
                 raise ConfigError(problem)
@@ -92,20 +94,25 @@ class Trainer:
         # seen so far (saved in the checkpoint, so a resume keeps counting the same files once).
         self.unreadable_files: set[int] = set()
         self.resumed_from: Optional[Path] = None
+        # meta.parallel=fsdp2: sharded checkpoints (iwm.sharded_checkpoint, DCP), written by every rank.
+        self.sharded_checkpoints = getattr(cfg.meta, "parallel", "ddp") == "fsdp2"
         self._maybe_resume()
         self.step_fn = TrainStep(self.model, self.optimizer, device=self.device, aug_cfg=self.aug_cfg, seed=seed,
                                  global_batch=self.global_batch, rank=self.dist.rank, batch_size=cfg.data.batch_size,
                                  grad_clip=cfg.optimization.grad_clip, use_bfloat16=cfg.meta.use_bfloat16,
                                  augment_backend=cfg.augment.backend or None, distributed=self.dist.enabled,
-                                 compile=cfg.meta.compile)
+                                 compile=cfg.meta.compile, parallel=cfg.meta.parallel,
+                                 activation_checkpointing=cfg.meta.activation_checkpointing,
+                                 activation_checkpointing_every=cfg.meta.activation_checkpointing_every)
         self.profile_window = profile_window(cfg.logging.profile_steps)
 
     # ------------------------------------------------------------------ checkpoints
-    def state(self) -> dict:
+    def state(self, weights: bool = True) -> dict:
+        """The checkpoint's content; weights=False: without the model and optimizer tensors (a sharded
+        checkpoint has DCP store those, each rank its shards)."""
         m = self.model
-        return {
+        state = {
             "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
             "encoder": m.encoder.state_dict(),
             "target_encoder": m.target_encoder.state_dict(),
             "predictor": m.predictor.state_dict(),
@@ -118,18 +125,25 @@ class Trainer:
             "unreadable_files": sorted(self.unreadable_files),
             "preset": self.preset.__dict__,
             "config": self.cfg.to_dict(),
-            "world_size": self.dist.world_size,
         }
+        if not weights:
+            for key in ("encoder", "target_encoder", "predictor", "optimizer"):
+                del state[key]
+        return state
 
     def save(self, periodic: bool) -> None:
         # Every rank checks: under DDP the parameters and optimizer state are the same on all ranks, so
         # all decide alike (and stop together) without another collective.
         self._refuse_non_finite_state()
-        if self.dist.is_main:
+        path = self.folder / LATEST
+        if self.sharded_checkpoints:  # every rank writes its shards; rank 0 commits (a new step-*.dcp each save)
+            path = save_sharded(self.model, self.optimizer, self.state(weights=False), self.folder, self.step,
+                                keep=self.cfg.logging.keep_checkpoints)
+        elif self.dist.is_main:
             save_checkpoint(self.state(), self.folder, self.step, periodic=periodic,
                             keep=self.cfg.logging.keep_checkpoints)
         self._saved_step = self.step
-        self._last_checkpoint = (self.folder / LATEST, self.step)
+        self._last_checkpoint = (path, self.step)
 
     def _refuse_non_finite_state(self) -> None:
         """A NaN/Inf in the weights or in AdamW's moments is never written as a checkpoint: it would
@@ -141,7 +155,12 @@ class Trainer:
                   for k, v in st.items() if torch.is_tensor(v) and v.is_floating_point()]
         if not named:
             return
-        finite = torch.stack([torch.isfinite(v).all().to(self.device) for _, v in named]).tolist()
+        # Under FSDP2 each rank checks its own shards (DTensor.to_local) and the ranks agree in one all-reduce.
+        finite = torch.stack([torch.isfinite(v.to_local() if hasattr(v, "to_local") else v).all().to(self.device)
+                              for _, v in named])
+        if self.sharded_checkpoints and self.dist.enabled:
+            finite = all_reduce_mean(finite.double(), self.dist) == 1.0
+        finite = finite.tolist()
         bad = [name for (name, _), ok in zip(named, finite) if not ok]
         if bad:
             raise TrainingStopped(
@@ -172,13 +191,18 @@ class Trainer:
         path = find_resume_checkpoint(self.folder, self.cfg.meta.read_checkpoint)
         if path is None:
             return
-        state = load_checkpoint(path, map_location=self.device)
-        self._refuse_config_changes(path, state)
-        try:
-            load_training_state(state, self.model, self.optimizer)
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint: {path} does not fit this configuration ({exc}); "
-                                  f"refusing to restart from scratch") from exc
+        if path.is_dir():  # sharded (iwm.sharded_checkpoint): saved by any number of ranks, loads into this many
+            state = load_trainer_state(path)
+            self._refuse_config_changes(path, state)
+            load_sharded(path, self.model, self.optimizer, trainer_state=state)
+        else:
+            state = load_checkpoint(path, map_location=self.device)
+            self._refuse_config_changes(path, state)
+            try:
+                load_training_state(state, self.model, self.optimizer)
+            except (KeyError, RuntimeError, ValueError) as exc:
+                raise CheckpointError(f"checkpoint: {path} does not fit this configuration ({exc}); "
+                                      f"refusing to restart from scratch") from exc
         if state.get("sampler", {}).get("global_batch", self.global_batch) != self.global_batch:
             self.log(f"warning: resuming with global batch {self.global_batch} "
                      f"(checkpoint: {state['sampler']['global_batch']}); the data order changes")
@@ -195,6 +219,10 @@ class Trainer:
         (seed, lr, model, data, ...) differing from the checkpoint's is refused before anything is
         written (config.yaml included), unless meta.resume_with_changes=true says it is meant."""
         changes = config_changes(state.get("config") or {}, self.cfg.to_dict(), Config().to_dict())
+        if (state.get("sampler") or {}).get("global_batch") == self.global_batch:
+            # Another process count with the same global batch (data.batch_size x processes) computes the
+            # same steps (masks, views and data are drawn for the global batch): a resharded resume.
+            changes = [c for c in changes if not c.startswith("data.batch_size ")]
         if not changes:
             return
         listed = "; ".join(changes)
@@ -235,6 +263,8 @@ class Trainer:
                  f"shared_context={self.preset.shared_context}; {n_params / 1e6:.1f}M trainable parameters; "
                  f"{self.dist.world_size} process(es) on {device}; global batch {self.global_batch}; "
                  f"{self.steps_per_epoch} steps/epoch; steps {self.step}->{self.total_steps}")
+        self.log(describe_parallel(cfg.meta.parallel, cfg.meta.activation_checkpointing,
+                                   cfg.meta.activation_checkpointing_every, self.dist.world_size))
         start_step, t_start = self.step, time.time()
         window = Window()
         self._last_loss = float("nan")
@@ -264,7 +294,8 @@ class Trainer:
                     images = batch.images_on(device)  # data.decode=gpu: nvJPEG decodes the batch here
                     # fault injection for tests: IWM_FAULT_NAN_STEP=<step> [IWM_FAULT_NAN_RANK=<rank>]
                     poison = step == self._fault_nan_step and self._fault_nan_rank in (-1, self.dist.rank)
-                    result = self.step_fn(images, batch.masks, step, momentum, poison_loss=poison)
+                    result = self.step_fn(images, batch.masks, step, momentum, geometry=batch.geometry,
+                                          poison_loss=poison)
                 if step == self._fault_stop_step and self.dist.rank == self._fault_stop_rank:
                     # fault injection for tests: a hung peer, IWM_FAULT_SIGSTOP_STEP=<step> [..._RANK=<rank>]
                     os.kill(os.getpid(), signal.SIGSTOP)
@@ -316,7 +347,7 @@ class Trainer:
         summary = {"steps": self.step - start_step, "final_step": self.step, "final_loss": self._last_loss,
                    "wall_s": time.time() - t_start, "skipped_images": self.skipped_images}
         if stopped_by:
-            self.log(f"received {stopped_by}: saved {self.folder / 'latest.pt'} at step {self.step}; "
+            self.log(f"received {stopped_by}: saved {self._last_checkpoint[0]} at step {self.step}; "
                      f"run the same command to resume")
             summary["stopped_by"] = stopped_by
         elif cfg.eval.at_end and self.step >= self.total_steps:
@@ -326,11 +357,15 @@ class Trainer:
         if self.skipped_images:
             self.log(f"skipped {self.skipped_images} unreadable image(s)")
         writer.close()
+        # FSDP2: the target encoder's full weights are gathered on rank 0 (a collective, on every rank).
+        target = (full_state_dict(self.model.target_encoder)
+                  if self.sharded_checkpoints and self.step >= self.total_steps else None)
         if self.dist.is_main:
             if self.step >= self.total_steps:
                 from .export import export_encoder_safetensors
 
-                export_encoder_safetensors(self.model.target_encoder, self.folder / "target_encoder.safetensors")
+                export_encoder_safetensors(self.model.target_encoder, self.folder / "target_encoder.safetensors",
+                                           state=target)
             plots = plot_run(self.folder)
             self.log(f"run folder {self.folder}: checkpoints, metrics.jsonl, {len(plots)} plot(s)")
         return summary
@@ -397,11 +432,15 @@ class Trainer:
                 and 0 < self.step < self.total_steps and self.step % every == 0 and self.step not in writer.eval_steps)
 
     def evaluate(self, writer: MetricsWriter, final: bool, stop: Optional[StopFlag] = None) -> dict:
-        if not self.dist.is_main or not self.cfg.eval.tasks:
+        if not self.cfg.eval.tasks:
+            return {}
+        model = self._eval_model()  # under FSDP2 a collective: every rank calls it
+        if not self.dist.is_main:
+            # The other ranks go on; their next collective waits for rank 0's evaluation to end.
             return {}
         from .eval.runner import run_evaluations
 
-        results = run_evaluations(self.model, self.cfg, self.device, self.folder, step=self.step, log=self.log,
+        results = run_evaluations(model, self.cfg, self.device, self.folder, step=self.step, log=self.log,
                                   stop=(lambda: stop.name) if stop is not None else None)
         if "interrupted_by" in results:
             # Not logged to evals.jsonl: a resume at this step runs it again (see _eval_pending).
@@ -411,6 +450,22 @@ class Trainer:
             return results
         writer.log_eval(self.step, {k: v for k, v in results.items() if isinstance(v, (int, float))})
         return results
+
+    def _eval_model(self):
+        """The model rank 0 evaluates (None on the other ranks under FSDP2). The evaluation runs on rank 0
+        alone, but a sharded forward all-gathers from every rank: under FSDP2 every rank takes part in
+        gathering the full weights, and rank 0 evaluates an unsharded copy built like the trainer's."""
+        if not self.step_fn.sharded:
+            return self.model
+        state = full_state_dict(self.model)  # on rank 0's CPU; {} on the others
+        if not self.dist.is_main:
+            return None
+        # Built on the meta device and given the gathered tensors: no random init (nor a draw from
+        # rank 0's RNG, which the other ranks would not make), no second copy of the weights.
+        with torch.device("meta"):
+            copy = build_model(self.cfg, self.preset, torch.device("meta"))
+        copy.load_state_dict(state, assign=True)
+        return copy.to(self.device)
 
 
 class Window:

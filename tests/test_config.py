@@ -319,11 +319,17 @@ def test_iwm_train_refuses_what_the_config_shows_before_training(tmp_path, seed,
 # ------------------------------------------------------------------------------ the eval CLI's overrides
 @pytest.fixture
 def fake_checkpoint(monkeypatch):
-    """`python -m iwm.eval` on a checkpoint whose config is `saved` (no model: the run must stop first)."""
-    import iwm.checkpoint
+    """`python -m iwm.eval` on a checkpoint whose config is `saved` (no model: the run must stop first).
+    The CLI's loader (latest.pt, step-*.pt or a sharded folder) is replaced; it must be asked for ckpt.pt."""
+    import iwm.sharded_checkpoint
 
     saved = {}
-    monkeypatch.setattr(iwm.checkpoint, "load_checkpoint", lambda path, map_location=None: dict(saved))
+
+    def load(path):
+        assert str(path) == "ckpt.pt", path
+        return dict(saved)
+
+    monkeypatch.setattr(iwm.sharded_checkpoint, "load_any_checkpoint", load)
     return saved
 
 

@@ -2,14 +2,13 @@
 real Trainer run), a non-finite step skipped on the device, the profiler trace, the ETA."""
 from __future__ import annotations
 
-import collections
 import json
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from tests.helpers import HostReadCounter, backends_on, count_python_readers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -18,69 +17,10 @@ FAST = ["data.crop_size=32", "mask.patch_size=8", "data.batch_size=8", "data.bui
         "mask.min_keep=2", "optimization.warmup=1", "meta.load_checkpoint=false"]
 QUIET = lambda *a, **k: None  # noqa: E731
 
-aten = torch.ops.aten
-# Ops that must look at tensor values to return (a Python value, or a shape that depends on values).
-READING_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.equal, aten._unique,
-               aten._unique2, aten.unique_dim, aten.unique_consecutive}
-PYTHON_READERS = ("item", "tolist", "__bool__", "__int__", "__float__")
-
-
-def _where() -> str:
-    """The repository frames that led to a read (innermost last), for the failure message."""
-    frames = [f for f in traceback.extract_stack()[:-2]
-              if str(ROOT) in f.filename and "/tests/" not in f.filename and ".venv" not in f.filename]
-    return " <- ".join(f"{Path(f.filename).relative_to(ROOT)}:{f.lineno}" for f in reversed(frames[-4:])) or "?"
-
-
-class ReadCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.reads = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.overloadpacket in READING_OPS:
-            self.reads[(str(func), _where())] += 1
-        elif func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is None:
-            self.reads[(str(func) + " without output_size", _where())] += 1
-        return func(*args, **kwargs)
-
-    def report(self) -> str:
-        return "\n".join(f"{n} x {what} at {where}" for (what, where), n in self.reads.most_common())
-
-
-def count_python_readers(setattr_=setattr) -> list:
-    """Counts Tensor.item/tolist/__bool__/__int__/__float__ into the innermost ReadCounter of the
-    returned list (they can bypass the dispatcher for CPU tensors)."""
-    active: list[ReadCounter] = []
-    for name in PYTHON_READERS:
-        original = getattr(torch.Tensor, name)
-
-        def reader(self, *args, _original=original, _name=name, **kwargs):
-            if active:
-                active[-1].reads[(f"Tensor.{_name}", _where())] += 1
-            return _original(self, *args, **kwargs)
-        setattr_(torch.Tensor, name, reader)
-    return active
-
 
 @pytest.fixture
 def python_readers(monkeypatch):
     return count_python_readers(monkeypatch.setattr)
-
-
-def test_counter_sees_reads(python_readers, seed):
-    """The probe itself: each kind of read is counted, so the zero below means something."""
-    t = torch.randint(1, 4, (5,), generator=torch.Generator().manual_seed(seed))
-    for read in (lambda: t.sum().item(), lambda: float(t.sum()), lambda: bool(t.all()), lambda: t.tolist(),
-                 lambda: torch.nonzero(t), lambda: torch.unique(t), lambda: t.equal(t),
-                 lambda: t.masked_select(t > 1), lambda: torch.arange(5).repeat_interleave(t)):
-        counter = ReadCounter()
-        python_readers.append(counter)
-        with counter:
-            read()
-        python_readers.pop()
-        assert counter.reads, read
 
 
 def _trainer(tmp_path, *overrides):
@@ -90,10 +30,10 @@ def _trainer(tmp_path, *overrides):
     return Trainer(load_config(TINY, [*FAST, f"logging.folder={tmp_path}", *overrides]), log=QUIET)
 
 
-def _count_reads_between(trainer, first: int, last: int, readers: list) -> ReadCounter:
+def _count_reads_between(trainer, first: int, last: int, readers: list) -> HostReadCounter:
     """Counts reads in this process from the call of step `first` to the call of step `last`: the
     steps first..last-1 and the loop code between them (none of them a read step)."""
-    counter = ReadCounter()
+    counter = HostReadCounter()
     step_fn = trainer.step_fn
 
     def counted(images, masks, step, momentum, **kw):
@@ -139,7 +79,7 @@ def test_training_loop_reads_nothing_in_other_model_layouts(tmp_path, python_rea
 def test_a_non_finite_step_is_skipped_on_the_device(tmp_path, seed, fused):
     """The bad step's update never reaches the weights, without a host read in the step: the fused
     AdamW gets the device flag (parameters, moments and step counts unchanged); without the fused
-    kernel the update is undone with torch.where."""
+    kernel the update is undone with torch.where; the EMA target stays bitwise as it was."""
     trainer = _trainer(tmp_path, "optimization.max_steps=3", "data.num_workers=0", f"meta.seed={seed}")
     trainer.step_fn.fused = fused
     loader = iter(trainer.loader())
@@ -152,9 +92,8 @@ def test_a_non_finite_step_is_skipped_on_the_device(tmp_path, seed, fused):
     result = step_fn(batch.images_on(trainer.device), batch.masks, 1, 0.996, poison_loss=True)
     assert result.row[-1] == 1.0 and not torch.isfinite(result.row[0])
     after = trainer.model.state_dict()
-    for k in before:
-        if not k.startswith("target_encoder."):  # the CPU EMA moves towards the unchanged encoder
-            assert torch.equal(before[k], after[k]), k
+    for k in before:  # the target encoder too: the EMA's momentum is 1 on a skipped step, on the CPU as well
+        assert torch.equal(before[k], after[k]), k
     for p, st in trainer.optimizer.state.items():
         for k, v in st.items():
             assert torch.equal(moments[(id(p), k)], v), k
@@ -162,6 +101,57 @@ def test_a_non_finite_step_is_skipped_on_the_device(tmp_path, seed, fused):
     assert result.row[-1] == 0.0
     assert not torch.equal(before["encoder.patch_embed.proj.weight"],
                            trainer.model.state_dict()["encoder.patch_embed.proj.weight"])
+
+
+def _ema_pair(seed):
+    from types import SimpleNamespace
+
+    torch.manual_seed(seed)
+    return SimpleNamespace(target_encoder=torch.nn.Linear(7, 5), encoder=torch.nn.Linear(7, 5))
+
+
+@pytest.mark.parametrize("skipped", [True, False])
+def test_step_ema_skips_exactly_on_the_cpu_and_reads_nothing(skipped, python_readers, seed):
+    """TrainStep.ema on the CPU: a skipped step (found_inf = 1) leaves the target bitwise as it was (the
+    old CPU path passed the float momentum, so the target still moved), a good step is the float EMA,
+    and neither reads a value back to the host."""
+    from iwm.step import TrainStep
+
+    model = _ema_pair(seed)
+    before = [p.detach().clone() for p in model.target_encoder.parameters()]
+    online = [p.detach() for p in model.encoder.parameters()]
+    counter = HostReadCounter()
+    python_readers.append(counter)
+    with counter:
+        TrainStep.ema(type("S", (), {"model": model})(), 0.9, torch.tensor(float(skipped)))
+    python_readers.pop()
+    assert not counter.reads, counter.report()
+    for t, b, o in zip(model.target_encoder.parameters(), before, online):
+        if skipped:
+            assert torch.equal(t.detach(), b)
+        else:
+            torch.testing.assert_close(t.detach(), b * 0.9 + o * (1 - 0.9), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends_on("cpu"))
+def test_unchecked_cpu_momentum_follows_the_device_rule(backend, seed):
+    """ema_update_(check_values=False) with a CPU momentum tensor: an invalid value (never read on the
+    host) leaves every target unchanged and sets the CPU's flag, on every backend; a valid one updates."""
+    import iwm_kernels
+    from iwm_kernels.ema import raise_if_momentum_was_invalid
+
+    gen = torch.Generator().manual_seed(seed)
+    t, o = torch.randn(37, generator=gen), torch.randn(37, generator=gen)
+    want = t.clone()
+    for bad in (float("nan"), 1.5, -0.25):
+        iwm_kernels.ema_update_([t], [o], torch.tensor(bad, dtype=torch.float64), backend=backend,
+                                check_values=False)
+        assert torch.equal(t, want), bad
+        with pytest.raises(ValueError, match="momentum"):
+            raise_if_momentum_was_invalid("cpu")
+    iwm_kernels.ema_update_([t], [o], torch.tensor(0.75, dtype=torch.float64), backend=backend, check_values=False)
+    torch.testing.assert_close(t, want * 0.75 + o * 0.25)
+    raise_if_momentum_was_invalid("cpu")  # a valid value leaves the flag clear
 
 
 @pytest.mark.slow  # a real Trainer run (several seconds on 2 shared cores)

