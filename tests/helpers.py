@@ -111,3 +111,20 @@ def assert_trained_close(a: torch.Tensor, b: torch.Tensor, name: str, *, lr: flo
     loose = diff > rel * scale + 1e-7 + rel * b.float().abs()
     assert float(loose.float().mean()) <= 0.01, (name, int(loose.sum()), diff.numel())
     assert float(diff.max()) <= lr * steps, (name, float(diff.max()))
+
+
+def start_two_ranks(cmd: list, cwd, **popen) -> list:
+    """Start `cmd` as rank 0 and rank 1 of a 2-process gloo group on this host (RANK / WORLD_SIZE /
+    MASTER_* set as torchrun or srun would; one thread each so the two share 2 cores fairly)."""
+    import os
+    import random
+    import subprocess
+
+    port = str(random.randint(20000, 40000))
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WORLD_SIZE": "2",
+               "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "PYTHONPATH": str(cwd)}
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen))
+    return procs

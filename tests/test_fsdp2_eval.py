@@ -4,14 +4,14 @@ and the run ends with its eval json. The 2-process part runs this file as a scri
 from __future__ import annotations
 
 import json
-import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import start_two_ranks
 from torch.distributed.tensor import DTensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,12 +57,8 @@ def test_two_process_fsdp2_run_evaluates_mid_run_and_at_the_end(tmp_path, monkey
     # The bug: rank 0 evaluated the sharded model alone; its forward's all-gathers met rank 1's training
     # collectives (a mismatch or a hang until meta.dist_timeout_s).
     monkeypatch.setenv("IWM_KERNELS_BACKEND", "reference")  # here and in the subprocesses
-    port = str(random.randint(20000, 40000))
-    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(tmp_path)], cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                                   "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    procs = start_two_ranks([sys.executable, __file__, "worker", str(tmp_path)], ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         outs = [p.communicate(timeout=120)[0] for p in procs]
     finally:

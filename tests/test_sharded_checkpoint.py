@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import assert_trained_close, random_batches, small_iwm
+from tests.helpers import assert_trained_close, random_batches, small_iwm, start_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, STEPS, SAVE_AT, MOMENTUM, LR = 4, 4, 2, 0.9, 5e-3
@@ -120,13 +120,8 @@ def runs(tmp_path_factory):
     losses += _train(step_fn, batches, range(SAVE_AT, STEPS), 0, 1)
     reference = {**_full_state(model, optimizer), "losses": torch.stack(losses), "at_save": at_save}
 
-    port = str(random.randint(20000, 40000))
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "PYTHONPATH": str(ROOT)}
-        procs.append(subprocess.Popen([sys.executable, __file__, "worker", str(out), str(seed)], cwd=ROOT, env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    procs = start_two_ranks([sys.executable, __file__, "worker", str(out), str(seed)], ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     markers = [out / f"never.rank{r}" for r in (0, 1)]
     deadline = time.time() + 180
     try:
@@ -330,11 +325,7 @@ def test_sigterm_to_every_fsdp2_rank_saves_a_sharded_checkpoint_that_resumes_in_
     monkeypatch.setenv("IWM_KERNELS_BACKEND", "reference")  # here and in the subprocesses
     cmd = [sys.executable, "-m", "iwm.train", "--config", str(ROOT / "configs" / "tiny.yaml"), *_FAST,
            f"logging.folder={tmp_path}", "optimization.max_steps=200"]
-    port = str(random.randint(20000, 40000))
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                                                   "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r),
-                                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    procs = start_two_ranks(cmd, ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         seen, deadline = [], time.time() + 240
         for line in procs[0].stdout:
