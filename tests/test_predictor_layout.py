@@ -7,7 +7,7 @@ predictor below is written here from that description (plain matmul + softmax, a
 blocks) and runs on the weights of our `VisionTransformerPredictor`.
 
 The shared-context layout (opt-in) never lets the context see a mask token: identical at depth 1,
-different from depth 2. The README's layout pictures are the output of `reference.mask_table` on the
+different from depth 2. The layout pictures in docs/models.md are the output of `reference.mask_table` on the
 real packing, checked here so they cannot drift.
 """
 import re
@@ -137,7 +137,7 @@ def test_every_default_is_the_papers_predictor():
         assert model_preset(load_config(path)).shared_context is (path.name == "tiny_shared.yaml"), path.name
 
 
-# ---- the README's pictures -------------------------------------------------------------------------
+# ---- the docs' pictures ---------------------------------------------------------------------------
 def example_tables() -> dict:
     """One sample: context c1 c2, a sequence-conditioning action token a1, target blocks t1 t2 and
     u1 u2, packed by the predictor's own packing, drawn by the attention's own mask rule."""
@@ -155,14 +155,14 @@ def example_tables() -> dict:
     return tables
 
 
-def readme_table(name: str, doc: str = "README.md") -> str:
+def readme_table(name: str, doc: str = "docs/models.md") -> str:
     text = ROOT.joinpath(doc).read_text()
     match = re.search(rf"<!-- mask-table: {name} -->\n((?:[ \t]*\|.*\n)+)", text)
     assert match, f"{doc} has no table after <!-- mask-table: {name} -->"
     return "\n".join(line.strip() for line in match.group(1).splitlines())
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/design.md"])
+@pytest.mark.parametrize("doc", ["docs/models.md", "docs/design.md"])
 @pytest.mark.parametrize("name", ["repeated", "shared"])
 def test_readme_layout_pictures_are_the_reference_output(name, doc):
     assert readme_table(name, doc) == example_tables()[name], "regenerate with: python -m tests.test_predictor_layout"

@@ -83,8 +83,8 @@ def varlen_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
 def mask_table(cu_seqlens: torch.Tensor, segment_ids: Optional[torch.Tensor], labels: "list[str]") -> str:
     """Who attends to whom in a packed layout, as a markdown table (■ attends, · does not), from the
     same rule the attention applies: same sequence, and `segment_mask` inside it. Rows are labelled
-    with their segment id, or with their sequence index ("seq i") without segment_ids. The README's
-    layout pictures are this function's output."""
+    with their segment id, or with their sequence index ("seq i") without segment_ids. The layout
+    pictures in docs/models.md and docs/design.md are this function's output."""
     total = int(cu_seqlens[-1])
     if len(labels) != total:
         raise ValueError(f"labels: expected {total} (one per packed row), got {len(labels)}")
