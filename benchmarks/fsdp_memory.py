@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
+import socket
 import subprocess
 import sys
 import time
@@ -78,7 +78,9 @@ def worker(args) -> None:
 
 def launch(mode: str, args) -> list[dict]:
     out = Path(args.tmp) / f"{mode}.json"
-    port = str(random.randint(20000, 40000))
+    with socket.socket() as probe:  # a port the kernel says is free, not a guess in the ephemeral range
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     procs = []
     for rank in range(2):
         env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",

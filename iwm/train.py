@@ -566,7 +566,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         trainer = Trainer(cfg)
         info = trainer.dist
         trainer.train()
-    except (ConfigError, CheckpointError, TrainingStopped, DistributedError) as exc:
+    except DistributedError as exc:
+        # A peer is hung or gone: destroy_process_group, and the backend's destructors at interpreter exit,
+        # can wait on it without bound. The trainer has closed its files; leave now, without them.
+        print(f"error: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    except (ConfigError, CheckpointError, TrainingStopped) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second stop signal (iwm.stopping.StopFlag): stop at once, no traceback

@@ -239,14 +239,15 @@ print("READS " + json.dumps({"rank": trainer.dist.rank, "reads": counter.report(
 def test_ddp_training_loop_reads_nothing_between_reads(tmp_path):
     """The same count on each of two gloo DDP processes: the window's all-reduce is at the reads only."""
     import os
-    import random
     import subprocess
     import sys
+
+    from tests.helpers import free_port
 
     script = tmp_path / "rank.py"
     script.write_text(DDP_RANK)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-           str(random.randint(20000, 40000)), str(script), str(ROOT), str(tmp_path / "run")]
+           free_port(), str(script), str(ROOT), str(tmp_path / "run")]
     res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]

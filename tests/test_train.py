@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 # Small and fast: the tiny preset at 32 px (16 patches), few layers, no evaluation.
 FAST = ["data.crop_size=32", "mask.patch_size=8", "data.batch_size=8", "data.builtin_samples=64",
@@ -240,17 +242,22 @@ def test_hung_peer_fails_the_other_rank_within_the_timeout(tmp_path):
     """Rank 1 stops itself (SIGSTOP) before the step's all-reduce: rank 0 must fail with a clear error
     after meta.dist_timeout_s, not wait gloo's default 30 minutes."""
     timeout_s = 15
-    port = str(random.randint(20000, 40000))
+    port = free_port()
     procs = []
     try:
         for rank in (0, 1):
             env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank),
                    "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                   "IWM_FAULT_SIGSTOP_STEP": "1", "IWM_FAULT_SIGSTOP_RANK": "1"}
+                   "IWM_FAULT_SIGSTOP_STEP": "1", "IWM_FAULT_SIGSTOP_RANK": "1", "PYTHONFAULTHANDLER": "1"}
             procs.append(subprocess.Popen(
                 train_cmd(tmp_path, "optimization.max_steps=4", "data.batch_size=4", f"meta.dist_timeout_s={timeout_s}"),
                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        out, err = procs[0].communicate(timeout=240)  # the old code waits 30 minutes here
+        try:
+            out, err = procs[0].communicate(timeout=240)  # the old code waits 30 minutes here
+        except subprocess.TimeoutExpired:
+            procs[0].send_signal(signal.SIGABRT)  # faulthandler writes every thread's stack to stderr
+            out, err = procs[0].communicate()
+            pytest.fail(f"rank 0 still running after 240 s; where it was:\n{err[-6000:]}")
     finally:
         for p in procs:
             p.kill()
@@ -321,7 +328,7 @@ def test_two_process_gloo_ddp_matches_single_process(tmp_path):
     res = run(train_cmd(single, "optimization.max_steps=3", "data.batch_size=8"))
     assert res.returncode == 0, res.stderr[-3000:]
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                str(random.randint(20000, 40000)), "-m", "iwm.train")
+                free_port(), "-m", "iwm.train")
     res = run(train_cmd(ddp, "optimization.max_steps=3", "data.batch_size=4", python=torchrun), timeout=400)
     assert res.returncode == 0, res.stderr[-3000:]
     _, pa = params(single)
@@ -338,7 +345,7 @@ def test_ddp_nan_on_one_rank_stops_every_rank(tmp_path):
     """The ranks decide together: a NaN on rank 1 alone must stop both, not leave rank 0 waiting in a
     collective (the timeout would catch that hang)."""
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                str(random.randint(20000, 40000)), "-m", "iwm.train")
+                free_port(), "-m", "iwm.train")
     res = run(train_cmd(tmp_path, "optimization.max_steps=6", "data.batch_size=4", "logging.checkpoint_every=2",
                         python=torchrun), env={"IWM_FAULT_NAN_STEP": "3", "IWM_FAULT_NAN_RANK": "1"}, timeout=240)
     assert res.returncode != 0
