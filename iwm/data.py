@@ -194,7 +194,8 @@ def load_and_crop(data: bytes, label: int, size: int, decode: str,
     Raises when the bytes are unreadable (the caller decides what stands in)."""
     from PIL import Image
 
-    from .image_decode import decode_crop_draft, decode_crop_fast, gpu_decodable
+    from .image_decode import decode_crop_draft, decode_crop_fast, decode_crop_region, gpu_decodable
+    from .jpeg_region import jpeg_header
 
     if decode == "pil":  # the reference: full decode, crop and resize on a tensor
         img = decode_rgb(io.BytesIO(data))
@@ -202,6 +203,19 @@ def load_and_crop(data: bytes, label: int, size: int, decode: str,
         box, flip = geometry(height, width)
         return Sample(crop_resize_flip(img, box, size, flip), label, box=box, flip=flip,
                       crop=crop_fractions(box, height, width))
+    header = jpeg_header(data) if decode == "fast" else None
+    if header is not None and header[2] in (1, 3) and header[0] * header[1] <= (Image.MAX_IMAGE_PIXELS or 1 << 62):
+        # An RGB / gray JPEG: its size from the frame header, without Pillow; the same crop is drawn.
+        width, height = header[:2]
+        box, flip = geometry(height, width)
+        crop = crop_fractions(box, height, width)
+        image = decode_crop_region(data, (width, height), box, size, flip)
+        if image is not None:
+            return Sample(image, label, box=box, flip=flip, crop=crop)
+        with Image.open(io.BytesIO(data)) as im:  # refused by the region decoder: Pillow decides
+            if im.size != (width, height):
+                raise ValueError(f"JPEG header size {(width, height)} disagrees with Pillow's {im.size}")
+            return Sample(decode_crop_fast(im, data, box, size, flip), label, box=box, flip=flip, crop=crop)
     with Image.open(io.BytesIO(data)) as im:
         width, height = im.size  # the header's size: nothing decoded yet
         box, flip = geometry(height, width)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import jpeg_region
+
 DECODE_MODES = ("draft", "pil", "gpu", "fast")
 DCT_SCALES = (8, 4, 2, 1)  # the reductions libjpeg's scaled IDCT does fastest (Pillow's draft offers these)
 # Colour modes a libjpeg-turbo RGB decode handles like Pillow does; CMYK (and Adobe-inverted CMYK)
@@ -140,11 +142,25 @@ def resize_box_torch(rgb: np.ndarray, box: Sequence[float], size: int, flip: boo
     right, lower = max(min(right, width), left + 1), max(min(lower, height), upper + 1)
     if not rgb.flags.writeable:  # a Pillow image's array (the fallback paths): torch wants its own
         rgb = np.array(rgb)
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None, :, upper:lower, left:right]
-    x = x.contiguous(memory_format=torch.channels_last)  # the crop's rows dense: the kernel's fast case
-    out = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    out = (out.flip(-1) if flip else out).contiguous()
-    return out.clone() if out.data_ptr() == x.data_ptr() else out  # never a view of a reused buffer
+    if (left, upper, right, lower) == (0, 0, width, height) and rgb.flags.c_contiguous:
+        # The whole dense array (the region decode's crop): viewed as [1, 3, H, W] it is channels-last
+        # with dense rows already, the kernel's fast case, so it is read in place.
+        x = torch.from_numpy(rgb[None]).permute(0, 3, 1, 2)
+    else:
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None, :, upper:lower, left:right]
+        x = x.contiguous(memory_format=torch.channels_last)  # the crop's rows dense: the kernel's fast case
+    out = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return _planar(out, flip)
+
+
+def _planar(out: torch.Tensor, flip: bool) -> torch.Tensor:
+    """The resize's [1, 3, S, S] output as a contiguous [3, S, S] tensor of its own, mirrored when `flip`,
+    in one copy: the output is channels-last (interleaved), and numpy's transposing copy takes the
+    mirror as a negative stride for free, where torch's flip would be a second pass over the image."""
+    if out.is_contiguous(memory_format=torch.channels_last):
+        hwc = out[0].permute(1, 2, 0).numpy()
+        return torch.from_numpy(np.array((hwc[:, ::-1] if flip else hwc).transpose(2, 0, 1), order="C"))
+    return (out[0].flip(-1) if flip else out[0]).contiguous()
 
 
 _buffers = threading.local()
@@ -186,16 +202,21 @@ def decode_crop_fast(im, data: bytes, box: Sequence[int], size: int, flip: bool)
     return resize_box_torch(np.asarray(pil_to_rgb(im), dtype=np.uint8), scaled_box(box, 1, 1), size, flip)
 
 
+def decode_crop_region(data: bytes, full: tuple[int, int], box: Sequence[int], size: int,
+                       flip: bool) -> Optional[torch.Tensor]:
+    """The fast path before any Pillow object exists: the crop of an RGB / gray JPEG of size `full`
+    (from `jpeg_region.jpeg_header`), or None where the caller must open it with Pillow."""
+    return _decode_crop_region(data, full, dct_scale(box, size), box, size, flip)
+
+
 def _decode_crop_region(data: bytes, full: tuple[int, int], k: int, box: Sequence[int], size: int,
                         flip: bool) -> Optional[torch.Tensor]:
     """The crop from a decode of only its rows and columns at 1/k (iwm.jpeg_region, the system
     libjpeg-turbo); None where that is unavailable or the decoder refuses the file."""
-    from .jpeg_region import decode_region
-
     top, left, h, w = box
     r0, c0 = top // k, left // k  # the crop at 1/k, widened to whole reduced pixels
     r1, c1 = min(-(-(top + h) // k), -(-full[1] // k)), min(-(-(left + w) // k), -(-full[0] // k))
-    arr = decode_region(data, full, k, r0, c0, r1 - r0, c1 - c0)
+    arr = jpeg_region.decode_region(data, full, k, r0, c0, r1 - r0, c1 - c0)
     if arr is None:
         return None
     reduced = (left / k - c0, top / k - r0, (left + w) / k - c0, (top + h) / k - r0)

@@ -27,6 +27,7 @@ import numpy as np
 
 _SOURCE = r"""
 #include <stdio.h>
+#include <string.h>
 #include <setjmp.h>
 #include <jpeglib.h>
 
@@ -34,12 +35,12 @@ struct iwm_err { struct jpeg_error_mgr pub; jmp_buf jump; };
 static void iwm_error_exit(j_common_ptr c) { longjmp(((struct iwm_err *)c->err)->jump, 1); }
 static void iwm_message(j_common_ptr c, int level) { if (level < 0) c->err->num_warnings++; }
 
-/* Rows [top, top + h) and at least columns [left, left + w) of the image scaled by 1/denom, as RGB, into
-   out (row stride `stride` bytes, `capacity` bytes in all). *x0, *xw: the columns decoded (iMCU-aligned);
-   *sw, *sh: the scaled image's size. Returns 0; -1 a decoder error, -2 a decoder warning (corrupt data),
+/* Rows [top, top + h), columns [left, left + w) of the image scaled by 1/denom, as RGB, into out as a dense
+   [h, w, 3] array (`capacity` bytes: h * w * 3 plus the iMCU widening of the last row). info[0], info[1]:
+   the scaled image's width and height. Returns 0; -1 a decoder error, -2 a decoder warning (corrupt data),
    -3 a colour space other than YCbCr / gray, -4 a region outside the image, -5 the buffer too small. */
 int iwm_jpeg_region(const unsigned char *data, unsigned long size, int denom, int top, int left, int h,
-                    int w, unsigned char *out, long stride, long capacity, int *x0, int *xw, int *sw, int *sh) {
+                    int w, unsigned char *out, long capacity, int *info) {
     struct jpeg_decompress_struct cinfo;
     struct iwm_err jerr;
     volatile int status = 0;
@@ -57,21 +58,24 @@ int iwm_jpeg_region(const unsigned char *data, unsigned long size, int denom, in
     cinfo.scale_num = 1;
     cinfo.scale_denom = denom;
     jpeg_start_decompress(&cinfo);
-    *sw = (int)cinfo.output_width; *sh = (int)cinfo.output_height;
-    if (top < 0 || left < 0 || h < 1 || w < 1 || top + h > *sh || left + w > *sw) {
+    info[0] = (int)cinfo.output_width; info[1] = (int)cinfo.output_height;
+    if (top < 0 || left < 0 || h < 1 || w < 1 || top + h > info[1] || left + w > info[0]) {
         jpeg_destroy_decompress(&cinfo); return -4;
     }
     JDIMENSION xoff = (JDIMENSION)left, width = (JDIMENSION)w;
-    if (left > 0 || w < *sw) jpeg_crop_scanline(&cinfo, &xoff, &width);
+    if (left > 0 || w < info[0]) jpeg_crop_scanline(&cinfo, &xoff, &width);
     else width = cinfo.output_width;
-    *x0 = (int)xoff; *xw = (int)width;
-    if ((long)width * 3 > stride || stride * (long)h > capacity) { jpeg_destroy_decompress(&cinfo); return -5; }
+    long row_bytes = 3L * w, start = 3L * (left - (long)xoff);
+    if (start < 0 || start + row_bytes > 3L * (long)width
+        || row_bytes * (h - 1) + 3L * (long)width > capacity) { jpeg_destroy_decompress(&cinfo); return -5; }
     if (top > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)top);
-    for (int row = 0; row < h;) {
-        JSAMPROW ptr = out + stride * row;
-        JDIMENSION got = jpeg_read_scanlines(&cinfo, &ptr, 1);
-        if (got == 0) { status = -1; break; }
-        row += (int)got;
+    for (int row = 0; row < h; row++) {
+        /* The decoded row (iMCU-aligned, wider than the crop) lands where the crop's row starts and spills
+           into the rows not yet written; the crop's columns then move to the front: a dense crop, so the
+           resize reads it without another copy. */
+        JSAMPROW ptr = out + row_bytes * row;
+        if (jpeg_read_scanlines(&cinfo, &ptr, 1) != 1) { status = -1; break; }
+        if (start) memmove(ptr, ptr + start, (size_t)row_bytes);
     }
     if (status == 0 && jerr.pub.num_warnings) status = -2;
     jpeg_abort_decompress(&cinfo);  /* the rows below the region are never decoded */
@@ -117,9 +121,8 @@ def library():
     except (OSError, subprocess.SubprocessError):
         return None
     fn = lib.iwm_jpeg_region
-    c_int_p = ctypes.POINTER(ctypes.c_int)
     fn.argtypes = [ctypes.c_char_p, ctypes.c_ulong] + [ctypes.c_int] * 5 + [ctypes.c_void_p, ctypes.c_long,
-                                                                               ctypes.c_long] + [c_int_p] * 4
+                                                                               ctypes.c_void_p]
     fn.restype = ctypes.c_int
     return fn
 
@@ -128,25 +131,67 @@ def _buffer(nbytes: int) -> np.ndarray:
     buf = getattr(_buffers, "array", None)
     if buf is None or buf.size < nbytes:
         buf = _buffers.array = np.empty(max(nbytes, 1 << 20), dtype=np.uint8)
+        _buffers.info = np.zeros(2, dtype=np.int32)  # the scaled size the C function reports
     return buf
 
 
 def decode_region(data: bytes, full: tuple[int, int], k: int, top: int, left: int, h: int,
                   w: int) -> Optional[np.ndarray]:
-    """uint8 [h, w, 3] RGB: rows top..top+h, columns left..left+w of the JPEG `data` (full size `full` =
-    (width, height)) decoded at 1/k, in the 1/k image's pixels. A view of this thread's reused buffer:
-    copy it before the next call. None when the function is unavailable or the decoder refuses
+    """uint8 [h, w, 3] RGB, dense: rows top..top+h, columns left..left+w of the JPEG `data` (full size
+    `full` = (width, height)) decoded at 1/k, in the 1/k image's pixels. A view of this thread's reused
+    buffer: copy it before the next call. None when the function is unavailable or the decoder refuses
     or warns (the caller then lets Pillow decide, as for any odd file)."""
     fn = library()
     if fn is None:
         return None
-    # iMCU alignment widens the decoded columns by at most one iMCU (<= 32 px) on each side.
-    stride = 3 * (w + 80)
-    buf = _buffer(stride * h)
-    x0, xw, sw, sh = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    status = fn(data, len(data), k, top, left, h, w, buf.ctypes.data, stride, buf.size, ctypes.byref(x0),
-                ctypes.byref(xw), ctypes.byref(sw), ctypes.byref(sh))
-    if status != 0 or (sw.value, sh.value) != (-(-full[0] // k), -(-full[1] // k)):
+    # The last row is decoded iMCU-aligned: at most one iMCU (<= 32 px) wider on each side.
+    nbytes = 3 * w * h + 3 * 80
+    buf = _buffer(nbytes)
+    info = _buffers.info
+    status = fn(data, len(data), k, top, left, h, w, buf.ctypes.data, buf.size, info.ctypes.data)
+    if status != 0 or int(info[0]) != -(-full[0] // k) or int(info[1]) != -(-full[1] // k):
         return None
-    start = left - x0.value
-    return buf[:stride * h].reshape(h, stride // 3, 3)[:, start:start + w]
+    return buf[:3 * w * h].reshape(h, w, 3)
+
+
+# JPEG start-of-frame markers the fast path takes: baseline, extended and progressive Huffman. Anything
+# else (lossless, arithmetic, hierarchical, 12-bit) goes through Pillow.
+_SOF = (0xC0, 0xC1, 0xC2)
+_STANDALONE = frozenset([0x01] + list(range(0xD0, 0xD8)))  # TEM, RST0..7: no length field
+
+
+def jpeg_header(data: bytes) -> Optional[tuple[int, int, int]]:
+    """(width, height, components) from an 8-bit baseline / progressive JPEG's frame header, read without
+    Pillow (whose open costs as much as the rest of a crop's bookkeeping); None for anything else (not a
+    JPEG, another frame type, 12-bit, a size left to a DNL marker, a truncated header, a second SOI):
+    the caller then opens the file with Pillow as before."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8 or data[2] != 0xFF:
+        return None
+    pos = 2
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            pos += 1
+            continue
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if marker in (0xD8, 0xD9, 0xDA):  # SOI again, EOI or scan data before any frame header
+            return None
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        if length < 2:
+            return None
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (SOFn)
+            if marker not in _SOF or length < 8 or pos + 10 > n or data[pos + 4] != 8:
+                return None
+            height = (data[pos + 5] << 8) | data[pos + 6]
+            width = (data[pos + 7] << 8) | data[pos + 8]
+            components = data[pos + 9]
+            if width == 0 or height == 0 or length != 8 + 3 * components:
+                return None
+            return width, height, components
+        pos += 2 + length
+    return None

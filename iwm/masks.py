@@ -117,6 +117,12 @@ class MaskBatch:
         unknown (a MaskBatch built by hand); the properties then read the offsets (a host sync).
     validated: the tensors' values were made or checked on the CPU (the sampler, from_ijepa): the
         model then skips its value checks (no host sync). Do not change the tensors in place after.
+
+    host_sizes (not a field; derived from the two tuples, None without them): [B, 1 + M] int64 on the
+    CPU, sample b's context length then its M target block lengths. It stays on the CPU through `to()`.
+    The model hands it (or tensors made from it) to the attention, which reads it when it runs: reading
+    a CPU tensor is no device sync, and under torch.compile the graph then carries no per-step Python
+    int (the tuples would be specialised as constants and guarded: a recompile every step).
     """
     context_index: torch.Tensor
     context_cu: torch.Tensor
@@ -145,6 +151,11 @@ class MaskBatch:
             if len(sizes) != count or sum(sizes) != total or any(n < 0 for n in sizes):
                 raise ValueError(f"{name}: {len(sizes)} lengths summing to {sum(sizes)} do not describe "
                                  f"{count} sequences of {total} packed indices")
+        self.host_sizes: Optional[torch.Tensor] = None
+        if self.context_sizes is not None and self.target_sizes is not None:
+            ctx = np.asarray(self.context_sizes, dtype=np.int64).reshape(self.batch_size, 1)
+            tgt = np.asarray(self.target_sizes, dtype=np.int64).reshape(self.batch_size, self.num_targets)
+            self.host_sizes = torch.from_numpy(np.concatenate([ctx, tgt], 1))
 
     @property
     def num_patches(self) -> int:
@@ -172,11 +183,11 @@ class MaskBatch:
 
     @property
     def longest_context(self) -> int:
-        return max(self._context_sizes(), default=0)
+        return _longest(self._context_sizes())
 
     @property
     def longest_target_block(self) -> int:
-        return max(self._target_sizes(), default=0)
+        return _longest(self._target_sizes())
 
     def sample_target_sizes(self) -> tuple[int, ...]:
         """[B] all M target blocks of each sample together."""
@@ -185,7 +196,7 @@ class MaskBatch:
 
     @property
     def longest_sample_targets(self) -> int:
-        return max(self.sample_target_sizes(), default=0)
+        return _longest(self.sample_target_sizes())
 
     def predictor_max_seqlen(self, shared_context: bool, extra_per_sample: int = 0) -> int:
         """Longest sequence `pack_predictor_sequences` makes from these masks: [context, extra, block j]
@@ -196,8 +207,8 @@ class MaskBatch:
             per = [c + extra_per_sample + t for c, t in zip(ctx, self.sample_target_sizes())]
         else:
             t, m = self._target_sizes(), self.num_targets
-            per = [ctx[b] + extra_per_sample + max(t[b * m:(b + 1) * m], default=0) for b in range(self.batch_size)]
-        return max(per, default=0)
+            per = [ctx[b] + extra_per_sample + _longest(t[b * m:(b + 1) * m]) for b in range(self.batch_size)]
+        return _longest(per)
 
     @property
     def target_cu_per_sample(self) -> torch.Tensor:
@@ -210,6 +221,16 @@ class MaskBatch:
     def target_lengths(self) -> torch.Tensor:
         """[B*M] length of each target block."""
         return self.target_cu[1:] - self.target_cu[:-1]
+
+    def mark_dynamic(self) -> None:
+        """Tell torch.compile, before it traces, that the packed token counts (the index tensors' lengths)
+        change with every draw: they are marked unbacked, so the graph holds no guard on them at all
+        (automatic dynamic shapes would recompile when a count first changes, and again whenever it
+        crosses a size that inductor's CPU reductions guard on, 4096 rows). The training step's compiled
+        forward calls this; the model has no branch on these sizes."""
+        mark = getattr(torch._dynamo.decorators, "mark_unbacked", None) or torch._dynamo.maybe_mark_dynamic
+        for t in (self.context_index, self.target_index):
+            mark(t, 0)
 
     def to(self, device: Union[str, torch.device], non_blocking: bool = False) -> "MaskBatch":
         return replace(self, **{n: getattr(self, n).to(device, non_blocking=non_blocking) for n in self._TENSORS})
@@ -247,8 +268,8 @@ class MaskBatch:
         Like I-JEPA's collator, every context is cut to the shortest context of the batch and every
         target block to the shortest block, keeping the lowest indices (this loses patches; prefer the
         packed form)."""
-        enc = _truncate(self.context_index, self.context_cu, min(self._context_sizes(), default=0))
-        tgt = _truncate(self.target_index, self.target_cu, min(self._target_sizes(), default=0))
+        enc = _truncate(self.context_index, self.context_cu, _shortest(self._context_sizes()))
+        tgt = _truncate(self.target_index, self.target_cu, _shortest(self._target_sizes()))
         tgt = tgt.view(self.batch_size, self.num_targets, -1)
         return [enc], [tgt[:, j] for j in range(self.num_targets)]
 
@@ -301,6 +322,16 @@ class MaskBatch:
             return f"{name}={value!r}"
         parts = [show(f.name, getattr(self, f.name)) for f in fields(self)]
         return f"MaskBatch({', '.join(parts)})"
+
+
+# Lengths are >= 0, so 0 is the empty maximum; written without max(..., default=), which torch.compile
+# cannot trace (a graph break).
+def _longest(sizes: Sequence[int]) -> int:
+    return max((0, *sizes))
+
+
+def _shortest(sizes: Sequence[int]) -> int:
+    return min(sizes) if len(sizes) else 0
 
 
 def _check_ijepa_mask(m: object, name: str, n: int, check_values: bool = True) -> None:

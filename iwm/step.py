@@ -27,8 +27,6 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-import iwm_kernels
-
 from . import augment as aug
 from . import parallel as parallelism
 from .models import IWM
@@ -127,6 +125,9 @@ class TrainStep:
         self.fused = bool(optimizer.defaults.get("fused")) and all(g.get("fused") for g in optimizer.param_groups)
         if compile:
             self.forward_module = torch.compile(self.forward_module)
+            # Every step's masks have new token counts: marked dynamic before the trace, so one compile
+            # serves every step (the model hands the lengths to the attention as CPU tensors, no ints).
+            self.forward_module.register_forward_pre_hook(lambda _module, args: args[2].mark_dynamic())
         self.compiled = compile
         self.on_phase_end: Optional[Callable[[str], None]] = None
 
@@ -198,7 +199,7 @@ class TrainStep:
         either); fp64, so a good step's m is the float itself."""
         skipped = found_inf.to(torch.float64)
         m = skipped + (1.0 - skipped) * momentum  # exactly `momentum` at 0, exactly 1 at 1
-        iwm_kernels.ema_update_(self.model.target_encoder, self.model.encoder, m, check_values=False)
+        self.model.update_target(m, check_values=False)
 
     # ------------------------------------------------------------------ the step
     def __call__(self, images: torch.Tensor, masks, step: int, momentum: float, *,

@@ -117,6 +117,17 @@ def check_max_seqlen(max_seqlen: object, name: str, lengths: Optional[torch.Tens
     return max_seqlen
 
 
+def check_host_lengths(lengths: object, name: str, num_seqs: int) -> torch.Tensor:
+    """Sequence lengths known on the host: a CPU int32/int64 tensor, [S] (one length per sequence) or
+    [S, K] (each sequence's K segment lengths, segment 0 first; its length is the row's sum). Shapes
+    only: the values are read where they are used (a CPU tensor: no device sync)."""
+    check_tensor(lengths, name, dtypes=INDEX_DTYPES, ndim=(1, 2), device=torch.device("cpu"))
+    if lengths.shape[0] != num_seqs or (lengths.dim() == 2 and lengths.shape[1] < 1):
+        raise ValueError(f"{name}: expected [{num_seqs}] or [{num_seqs}, K >= 1] lengths (one row per "
+                         f"sequence), got shape {tuple(lengths.shape)}")
+    return lengths
+
+
 def check_segment_ids(segment_ids: object, name: str, cu_seqlens: torch.Tensor, total: int, *,
                       device: Optional[torch.device] = None, check_values: bool = True) -> torch.Tensor:
     """Segment labels of a packed layout (the predictor's shared-context structure).

@@ -104,10 +104,14 @@ def test_a_non_finite_step_is_skipped_on_the_device(tmp_path, seed, fused):
 
 
 def _ema_pair(seed):
-    from types import SimpleNamespace
+    """An IWM pair small enough to read: its target and online encoders, trained apart."""
+    from tests.helpers import small_iwm
 
-    torch.manual_seed(seed)
-    return SimpleNamespace(target_encoder=torch.nn.Linear(7, 5), encoder=torch.nn.Linear(7, 5))
+    model = small_iwm(seed)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    return model
 
 
 @pytest.mark.parametrize("skipped", [True, False])

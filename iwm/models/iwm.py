@@ -23,6 +23,14 @@ from .vit import VisionTransformer
 LOSSES = ("l2", "smooth_l1")
 
 
+def _feature_spread(x: torch.Tensor) -> torch.Tensor:
+    """Mean over features of the per-feature std over the rows (Bessel-corrected), 0 for one row or none.
+    Without a branch on the row count: under torch.compile the count is an unbacked size (no guard)."""
+    x = x.float()
+    var = (x - x.mean(dim=0)).square().sum(dim=0) / torch.sym_max(x.shape[0] - 1, 1)  # no rows: an empty sum, 0
+    return var.sqrt().mean()
+
+
 class IWM(nn.Module):
     def __init__(self, encoder: VisionTransformer, predictor: VisionTransformerPredictor, *, loss: str = "l2",
                  target_encoder: Optional[VisionTransformer] = None, check_inputs: bool = False):
@@ -100,10 +108,15 @@ class IWM(nn.Module):
         vouched = getattr(masks, "validated", False)
         with torch.no_grad():
             targets = self.targets(target, masks, backend)
-        longest = masks.longest_context if vouched else None
+        host = getattr(masks, "host_sizes", None) if vouched else None
+        if host is not None:
+            # The lengths go to the attention as a CPU tensor, the launch bound is the packed row count: no
+            # per-step Python int, so torch.compile traces this once for every mask draw.
+            longest, lengths = masks.context_index.shape[0], host[:, 0]
+        else:
+            longest, lengths = (masks.longest_context if vouched else None), None
         context = self.encoder(source, masks.context_index, cu_seqlens=masks.context_cu, max_seqlen=longest,
-                               backend=backend, check_values=not vouched,
-                               seq_lengths=masks.context_sizes if vouched else None)
+                               backend=backend, check_values=not vouched, seq_lengths=lengths)
         pred = self.predictor(context, masks, action=action, backend=backend)
         if self.loss_name == "l2":
             loss = F.mse_loss(pred.float(), targets.float())
@@ -111,14 +124,18 @@ class IWM(nn.Module):
             loss = F.smooth_l1_loss(pred.float(), targets.float())
         with torch.no_grad():
             stats = {
-                "target_std": targets.float().std(dim=0).mean().detach() if targets.shape[0] > 1 else targets.new_zeros(()),
-                "pred_std": pred.float().std(dim=0).mean().detach() if pred.shape[0] > 1 else pred.new_zeros(()),
+                "target_std": _feature_spread(targets.detach()),
+                "pred_std": _feature_spread(pred.detach()),
                 "context_tokens": masks.context_tokens,
                 "target_tokens": masks.target_tokens,
             }
         return loss, stats
 
     @torch.no_grad()
-    def update_target(self, momentum, backend: Optional[str] = None) -> None:
-        """target ← m·target + (1−m)·encoder, one fused launch (iwm_kernels.ema_update_)."""
-        iwm_kernels.ema_update_(self.target_encoder, self.encoder, momentum, backend=backend)
+    def update_target(self, momentum, backend: Optional[str] = None, check_values: bool = True) -> None:
+        """target ← m·target + (1−m)·encoder, one fused launch (iwm_kernels.ema_update_).
+
+        check_values=False: a momentum tensor is not read on the host (the training step's, made on the
+        device from the skip flag; an invalid value leaves the target as it was and raises at the next read)."""
+        iwm_kernels.ema_update_(self.target_encoder, self.encoder, momentum, backend=backend,
+                                check_values=check_values)

@@ -34,7 +34,6 @@ from torch import nn
 
 import iwm_kernels
 from iwm_kernels import pack_predictor_sequences, unpack_targets
-from iwm_kernels.attention.layout import attach_lengths
 
 from .pos_embed import sincos_2d
 from .vit import Block, init_vit_weights, rescale_blocks
@@ -43,14 +42,15 @@ ACTION_DIM = 7
 CONDITIONING = ("none", "feature", "sequence")
 
 
-def _sequence_lengths(mb, shared: bool, extra: int) -> tuple[list[int], Optional[list[tuple[int, ...]]]]:
-    """(lengths, segment lengths or None) of the sequences `pack_predictor_sequences` makes, from a
-    MaskBatch's Python sizes: shared, [context + extra | block 1 | ... | block M] per sample."""
-    ctx, tgt, m = mb.context_sizes, mb.target_sizes, mb.num_targets
+def _host_lengths(host_sizes: torch.Tensor, shared: bool, extra: int) -> torch.Tensor:
+    """The lengths of the sequences `pack_predictor_sequences` makes, as a CPU tensor, from a MaskBatch's
+    `host_sizes` [B, 1 + M] (context, then the M blocks): shared, [B, 1 + M] segment lengths
+    [context + extra | block 1 | ... | block M]; repeated, [B * M] lengths context + extra + block j.
+    Tensor arithmetic on the CPU (no device sync), so torch.compile does not specialise on the sizes."""
+    ctx, blocks = host_sizes[:, :1] + extra, host_sizes[:, 1:]
     if shared:
-        segments = [(ctx[b] + extra,) + tuple(tgt[b * m:(b + 1) * m]) for b in range(mb.batch_size)]
-        return [sum(s) for s in segments], segments
-    return [ctx[b] + extra + tgt[b * m + j] for b in range(mb.batch_size) for j in range(m)], None
+        return torch.cat([ctx, blocks], 1)
+    return (ctx + blocks).reshape(-1)
 
 
 class ActionMLP(nn.Module):
@@ -178,18 +178,25 @@ class VisionTransformerPredictor(nn.Module):
             extra = self.action_tokens(action).reshape(batch * self.action_dim, self.dim).to(x.dtype)
             extra_cu = torch.arange(batch + 1, device=x.device, dtype=torch.int32) * self.action_dim
         # Sequence conditioning adds action_dim tokens to every context: a known constant per sample.
-        longest = None
-        if hasattr(mb, "predictor_max_seqlen") and (not checked or mb.context_sizes is not None):
-            longest = mb.predictor_max_seqlen(shared, self.action_dim if extra is not None else 0)
+        n_extra = self.action_dim if extra is not None else 0
+        sizes = getattr(mb, "host_sizes", None) if not checked else None
+        host = None
+        if sizes is not None:
+            # Lengths as a CPU tensor and the packed row count as the launch bound (no sequence is longer
+            # than every row together): no per-step Python int, one torch.compile trace for every draw.
+            host = _host_lengths(sizes, shared, n_extra)
+            longest = x.shape[0] + batch * n_extra + tokens.shape[0]
+        elif hasattr(mb, "predictor_max_seqlen") and (not checked or mb.context_sizes is not None):
+            longest = mb.predictor_max_seqlen(shared, n_extra)
+        else:
+            longest = None
         packed = pack_predictor_sequences(x, mb.context_cu, tokens, mb.target_cu, num_targets,
                                           shared_context=shared, extra=extra, extra_cu=extra_cu,
                                           max_seqlen=longest, check_values=checked)
-        if not checked and mb.context_sizes is not None and mb.target_sizes is not None:
-            attach_lengths(packed.cu_seqlens, *_sequence_lengths(mb, shared, 0 if extra is None else self.action_dim))
         h = packed.x
         for block in self.predictor_blocks:
             h = block(h, packed.cu_seqlens, packed.max_seqlen, segment_ids=packed.segment_ids, backend=backend,
-                      check_values=checked)
+                      check_values=checked, host_lengths=host)
         h = unpack_targets(h, packed)
         return self.predictor_proj(self.predictor_norm(h))
 

@@ -63,9 +63,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 segment_ids: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-                check_values: bool = True) -> torch.Tensor:
+                check_values: bool = True, host_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, segment_ids=segment_ids, backend=backend,
-                          check_values=check_values)
+                          check_values=check_values, host_lengths=host_lengths)
         return x + self.mlp(self.norm2(x))
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor, masks=None, *, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, backend: Optional[str] = None,
-                check_values: bool = True, seq_lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
+                check_values: bool = True, seq_lengths: Optional[Sequence[int] | torch.Tensor] = None) -> torch.Tensor:
         """Encode images.
 
         - `forward(images)` -> `[B, N, D]` (every patch).
@@ -154,8 +154,10 @@ class VisionTransformer(nn.Module):
         max_seqlen: the longest packed sequence (a Python int >= it), or None to read it from
         cu_seqlens (a host sync). check_values=False: index and offsets are vouched for (a sampler's
         MaskBatch, `validated`): with max_seqlen given, nothing is read back from the device.
-        seq_lengths: the packed sequences' lengths as Python ints, if known (a MaskBatch's
-        `context_sizes`): the CPU attention then runs per sequence instead of padded (no read either way).
+        seq_lengths: the packed sequences' lengths, if known: a CPU int tensor [B] (a MaskBatch's
+        `host_sizes[:, 0]`; what the model passes, compiled or not: read when the attention runs, so
+        torch.compile does not specialise on it) or Python ints. The CPU attention then runs per
+        sequence instead of padded, and max_seqlen may be any bound (no read either way).
         """
         self._check_images(images)
         tokens = self.patch_embed(images)
@@ -173,12 +175,13 @@ class VisionTransformer(nn.Module):
             raise ValueError("cu_seqlens: required with a packed index (or pass I-JEPA's list of [B, K] masks)")
         x = iwm_kernels.gather_tokens(tokens, masks, cu_seqlens, pos=self.pos_embed, backend=backend,
                                       check_values=check_values)
-        if seq_lengths is not None:
+        host = seq_lengths if isinstance(seq_lengths, torch.Tensor) else None
+        if seq_lengths is not None and host is None:
             attach_lengths(cu_seqlens, seq_lengths)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         for block in self.blocks:
-            x = block(x, cu_seqlens, max_seqlen, backend=backend, check_values=check_values)
+            x = block(x, cu_seqlens, max_seqlen, backend=backend, check_values=check_values, host_lengths=host)
         return self.norm(x)
 
 

@@ -19,7 +19,8 @@ import torch
 
 from .._backend import resolve_backend
 from .._registry import Op, Support
-from .._validate import FLOAT_DTYPES, check_cu_seqlens, check_max_seqlen, check_segment_ids, check_tensor
+from .._validate import (FLOAT_DTYPES, check_cu_seqlens, check_host_lengths, check_max_seqlen, check_segment_ids,
+                         check_tensor)
 from . import native, reference
 from .layout import Layout, prepare
 from .module import VarlenSelfAttention
@@ -166,13 +167,17 @@ def run_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @torch.library.custom_op("iwm::varlen_attention", mutates_args=(), device_types=None)
 def _varlen_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                          max_seqlen: int, segment_ids: Optional[torch.Tensor], scale: float, backend: str,
-                         check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen, check_values=check_values)
+                         check_values: bool = True, host_lengths: Optional[torch.Tensor] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    # host_lengths is a CPU tensor: the op reads it when it runs (no device sync), so the traced graph
+    # carries no per-step length and the native CPU path still runs without padding.
+    layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen, check_values=check_values,
+                     host_lengths=host_lengths)
     return ATTENTION.impl(backend, "op_forward")(q, k, v, layout, max_seqlen, scale)
 
 
 @_varlen_attention_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend, check_values=True):
+def _(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend, check_values=True, host_lengths=None):
     lse_shape = (q.shape[1], q.shape[0]) if backend == "triton" else (0,)
     return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
 
@@ -181,28 +186,31 @@ def _(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend, check_values
 def _varlen_attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                                   segment_ids: Optional[torch.Tensor], scale: float, backend: str,
-                                  check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen, check_values=check_values)
+                                  check_values: bool = True, host_lengths: Optional[torch.Tensor] = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = prepare(cu_seqlens, segment_ids, q.shape[0], max_seqlen, check_values=check_values,
+                     host_lengths=host_lengths)
     return ATTENTION.impl(backend, "op_backward")(grad_out, q, k, v, out, lse, layout, max_seqlen, scale)
 
 
 @_varlen_attention_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, segment_ids, scale, backend, check_values=True):
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, segment_ids, scale, backend, check_values=True,
+      host_lengths=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend, check_values = inputs
+    q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, backend, check_values, host_lengths = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, segment_ids)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, segment_ids, host_lengths)
     ctx.max_seqlen, ctx.scale, ctx.backend, ctx.check_values = max_seqlen, scale, backend, check_values
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens, segment_ids = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens, segment_ids, host_lengths = ctx.saved_tensors
     dq, dk, dv = _varlen_attention_backward_op(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen,
-                                               segment_ids, ctx.scale, ctx.backend, ctx.check_values)
-    return dq, dk, dv, None, None, None, None, None, None
+                                               segment_ids, ctx.scale, ctx.backend, ctx.check_values, host_lengths)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -213,7 +221,7 @@ _varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, *, segment_ids: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None, backend: Optional[str] = None,
-                     check_values: bool = True) -> torch.Tensor:
+                     check_values: bool = True, host_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Softmax attention inside each packed sequence: out[T, H, Dh].
 
     q, k, v: packed [T, H, Dh], same shape, dtype (float32, bfloat16, float16; float64 on the
@@ -237,6 +245,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         backends, the offsets are clamped into range on the device. The reference backend loops over
         the sequences in Python, so it reads cu_seqlens either way (the slow clarity path).
 
+    host_lengths: optional CPU int tensor of the sequences' lengths, [S] or, with segment_ids, [S, K]
+        segment lengths per sequence (segment 0 first), made where the masks are made (a MaskBatch's
+        `host_sizes`). With check_values=False the caller vouches for them like the offsets: the
+        launches are sized from their longest (max_seqlen is then only a bound) and the native CPU
+        backend runs per sequence without padding. Read on the host (a CPU tensor: no device sync),
+        when the attention runs, also under torch.compile (the graph does not specialise on them).
+
     Accumulation is fp32 for every input dtype, and the output has q's dtype, under autocast too.
     Differentiable in q, k and v; twice through the reference and triton backends (see
     _TritonVarlenAttention.backward), not through native (SDPA raises).
@@ -252,7 +267,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         _check_triton_head_dim(q)
     if not isinstance(check_values, bool):
         raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
+    if host_lengths is not None:
+        check_host_lengths(host_lengths, "host_lengths", cu_seqlens.numel() - 1)
     if torch.compiler.is_compiling():
-        return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, chosen, check_values)[0]
-    layout = prepare(cu_seqlens, segment_ids, T, max_seqlen, check_values=check_values)
+        return _varlen_attention_op(q, k, v, cu_seqlens, max_seqlen, segment_ids, scale, chosen, check_values,
+                                    host_lengths)[0]
+    layout = prepare(cu_seqlens, segment_ids, T, max_seqlen, check_values=check_values, host_lengths=host_lengths)
     return run_backend(chosen, q, k, v, layout, max_seqlen, scale)

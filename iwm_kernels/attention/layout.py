@@ -42,6 +42,7 @@ class Layout:
     source_cu: Optional[torch.Tensor] = None  # the caller's offsets when cu_seqlens is their clamped copy
     host_lengths: Optional[tuple] = None   # the sequence lengths as Python ints, when known without a read
     host_segments: Optional[tuple] = None  # per sequence, its segments' lengths (segment 0 first), if known
+    host_source: Optional[torch.Tensor] = None  # the caller's host-lengths tensor these came from, if any
     _cache: dict = field(default_factory=dict, repr=False)
 
     def _get(self, key, make):
@@ -136,6 +137,22 @@ def attach_lengths(cu_seqlens: torch.Tensor, lengths, segments=None) -> None:
     setattr(cu_seqlens, _HOST_LENGTHS, (cu_seqlens._version, lengths, segments))
 
 
+def _from_host_tensor(lengths: torch.Tensor, num_seqs: int, total: int, bound: int
+                      ) -> tuple[Optional[tuple], Optional[tuple]]:
+    """(lengths, segment lengths or None) from a CPU tensor [S] or [S, K] of segment lengths (the
+    loader made it with the masks, so reading it is no device sync; NumPy reads it, so the host-read
+    probe, which counts reads of tensors that would be device tensors on a GPU, does not count it).
+    None for what does not describe this layout (the padded path serves it)."""
+    rows = lengths.detach().numpy()
+    rows = rows[:, None] if rows.ndim == 1 else rows
+    per_seq = rows.sum(1)
+    if len(per_seq) != num_seqs or int(per_seq.sum()) != total or bool((rows < 0).any()) \
+            or (num_seqs and int(per_seq.max()) > bound):
+        return None, None
+    segments = tuple(map(tuple, rows.tolist())) if rows.shape[1] > 1 else None
+    return tuple(per_seq.tolist()), segments
+
+
 def _attached(cu_seqlens: torch.Tensor, total: int, bound: int) -> tuple[Optional[tuple], Optional[tuple]]:
     """(lengths, segment lengths) attached to cu_seqlens, or None for what is not known."""
     entry = getattr(cu_seqlens, _HOST_LENGTHS, None)
@@ -151,32 +168,40 @@ _cache: "dict[tuple, tuple]" = {}
 _MAX_ENTRIES = 4
 
 
-def _alive(entry, cu, seg) -> bool:
+def _alive(entry, cu, seg, host) -> bool:
     layout, cu_version, seg_version = entry
     own = layout.source_cu if layout.source_cu is not None else layout.cu_seqlens
     if own is not cu or cu._version != cu_version:
         return False
+    if not layout.checked and layout.host_source is not host:
+        return False  # (a checked layout read its lengths itself: it serves any call)
     if seg is None:
         return layout.segment_ids is None
     return layout.segment_ids is seg and seg._version == seg_version
 
 
 def prepare(cu_seqlens: torch.Tensor, segment_ids: Optional[torch.Tensor], total: int, max_seqlen: int,
-            *, check_values: bool = True) -> Layout:
+            *, check_values: bool = True, host_lengths: Optional[torch.Tensor] = None) -> Layout:
     """Validate the values of a packed layout (structure is checked by the caller) and describe it.
 
     check_values=False: nothing is read back (no host sync); max_seqlen must be >= the longest
-    sequence, it sizes the launches (the caller vouches for it and for the offsets and segments)."""
+    sequence, it sizes the launches (the caller vouches for it and for the offsets and segments).
+    host_lengths: the lengths as a CPU tensor ([S], or [S, K] segment lengths; see
+    `_validate.check_host_lengths`), which the caller vouches for like the offsets. An unchecked layout
+    then knows its lengths (the per-sequence CPU path) and its real longest sequence, so max_seqlen may
+    be any bound (under torch.compile the model passes the packed row count: no per-step int)."""
     # An inference tensor (made under torch.inference_mode) has no version counter, so an in-place change
     # to it could not be noticed: such layouts are validated on every call and never cached.
     cacheable = not cu_seqlens.is_inference() and (segment_ids is None or not segment_ids.is_inference())
     base = (id(cu_seqlens), id(segment_ids) if segment_ids is not None else None, total)
-    # A checked layout serves every later call; an unchecked one only unchecked calls with its bound.
-    keys = [base + (None,)] + ([] if check_values else [base + (max_seqlen,)])
+    # A checked layout serves every later call; an unchecked one only unchecked calls with its bound
+    # and its host lengths (the layout holds that tensor, so its id is not reused while the entry lives).
+    host_key = id(host_lengths) if host_lengths is not None else None
+    keys = [base + (None, None)] + ([] if check_values else [base + (max_seqlen, host_key)])
     layout = None
     for key in keys if cacheable else ():
         entry = _cache.get(key)
-        if entry is not None and _alive(entry, cu_seqlens, segment_ids):
+        if entry is not None and _alive(entry, cu_seqlens, segment_ids, None if check_values else host_lengths):
             layout = entry[0]
             break
     if layout is None:
@@ -193,9 +218,16 @@ def prepare(cu_seqlens: torch.Tensor, segment_ids: Optional[torch.Tensor], total
             check_max_seqlen(max_seqlen, "max_seqlen")
             safe = clamp_cu_seqlens(cu_seqlens, total)
             lengths = (safe[1:] - safe[:-1]).long()
-            host, segments = _attached(cu_seqlens, total, int(max_seqlen))
-            layout = Layout(safe, segment_ids, total, num_seqs, int(max_seqlen), checked=False, source_cu=cu_seqlens,
-                            host_lengths=host, host_segments=segments if segment_ids is not None else None)
+            bound = int(max_seqlen)
+            if host_lengths is not None:
+                host, segments = _from_host_tensor(host_lengths, num_seqs, total, bound)
+            else:
+                host, segments = _attached(cu_seqlens, total, bound)
+            # Known lengths give the real longest sequence: the launches are sized from it, not the bound.
+            longest = max(host, default=0) if host is not None else bound
+            layout = Layout(safe, segment_ids, total, num_seqs, longest, checked=False, source_cu=cu_seqlens,
+                            host_lengths=host, host_segments=segments if segment_ids is not None else None,
+                            host_source=host_lengths)
         layout._cache["lengths"] = lengths
         if cacheable:
             _cache[keys[-1]] = (layout, cu_seqlens._version, segment_ids._version if segment_ids is not None else None)

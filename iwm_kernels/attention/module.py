@@ -34,8 +34,8 @@ class VarlenSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 segment_ids: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-                check_values: bool = True) -> torch.Tensor:
-        """x [T, D] packed tokens -> [T, D]. check_values: as for `varlen_attention`."""
+                check_values: bool = True, host_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [T, D] packed tokens -> [T, D]. check_values, host_lengths: as for `varlen_attention`."""
         from . import native, prepare, varlen_attention
 
         if x.dim() != 2:
@@ -48,11 +48,12 @@ class VarlenSelfAttention(nn.Module):
             # Attention-probability dropout is not fused: the padded SDPA path applies it.
             warn_once("varlen-attn-drop", "VarlenSelfAttention: attn_drop > 0 runs the padded SDPA path "
                                           "(the fused kernels have no attention dropout)")
-            layout = prepare(cu_seqlens, segment_ids, T, max_seqlen, check_values=check_values)
+            layout = prepare(cu_seqlens, segment_ids, T, max_seqlen, check_values=check_values,
+                             host_lengths=host_lengths)
             out = native.varlen_attention(q, k, v, layout, self.scale, dropout_p=self.attn_drop)
         else:
             out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, segment_ids=segment_ids, scale=self.scale,
-                                   backend=backend, check_values=check_values)
+                                   backend=backend, check_values=check_values, host_lengths=host_lengths)
         return self.proj_drop(self.proj(out.reshape(T, D)))
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
