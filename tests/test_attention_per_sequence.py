@@ -38,7 +38,8 @@ def _run(fn, T, H=2, D=8, seed=0):
 
 
 @pytest.mark.parametrize("shared,with_segments", [(False, False), (True, True), (True, False)])
-def test_per_sequence_equals_reference_and_padded(seed, shared, with_segments):
+def test_per_sequence_equals_reference_and_padded(seed, shared, with_segments, monkeypatch):
+    monkeypatch.setattr(native, "LOOP_MIN_SAVED_PAIRS", 0)  # these short layouts would run padded
     rng = random.Random(seed)
     cu, seg, lengths, segments = _layout_inputs(rng, shared, empty=not shared)
     T, scale = int(cu[-1]), 0.3
@@ -100,3 +101,26 @@ def test_uniform_shared_layout_runs_two_batched_calls(seed, monkeypatch):
     ref = _run(lambda q, k, v: reference.varlen_attention(q, k, v, cu, seg, 0.4), seqs * L, seed=seed)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_plain_varlen_runs_per_sequence_only_where_the_padding_saved_pays_for_the_calls(monkeypatch):
+    """Many short sequences run padded (the calls' overhead exceeds the padded pairs they save; the
+    `tiny` contexts lost 1.5x per sequence at two threads); long ragged ones run per sequence; the
+    bar rises with the thread count (one padded call uses the threads better than many small ones)."""
+    def layout(lengths):
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        attach_lengths(cu, lengths)
+        return prepare(cu, None, sum(lengths), max(lengths), check_values=False)
+
+    q = torch.empty(0, 3, 8)  # 3 heads
+    short = layout([10 + i % 11 for i in range(64)])          # 64 sequences of 10-20 tokens
+    long = layout([100 + (37 * i) % 150 for i in range(16)])  # 16 sequences of 100-249 tokens
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert not native.uses_per_sequence(short, q) and native.uses_per_sequence(long, q)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert not native.uses_per_sequence(long, q)
+    # a run of equal lengths is one call: four equal blocks per sample save the same pairs in a quarter of the calls
+    blocks = layout([n for n in (40, 55, 70, 48, 62, 44, 66, 51) for _ in range(4)])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert native.uses_per_sequence(blocks, q)
+    assert not native.uses_per_sequence(layout([40, 55, 70, 48, 62, 44, 66, 51]), q)

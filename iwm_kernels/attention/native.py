@@ -5,7 +5,8 @@ How a layout runs (first that applies):
 - equal lengths, no segments (I-JEPA's truncated masks): one call on views of the packed rows;
 - lengths known as Python ints (`Layout.host_lengths`: the model attaches a sampler's MaskBatch sizes
   with `layout.attach_lengths`, or a checked layout read them), on the CPU, at most LOOP_MAX_SEQS
-  sequences: no padding. Plain varlen: one call per run of consecutive equal-length sequences (the
+  sequences, and (plain varlen) enough padding saved per call to pay for the calls (LOOP_MIN_SAVED_PAIRS):
+  no padding. Plain varlen: one call per run of consecutive equal-length sequences (the
   repeated predictor's M blocks of a sample share one), on views. Segments with known segment lengths:
   on the shared layout of truncated masks (every sequence [context | M equal blocks]) two batched calls,
   the contexts over themselves and every block over [its context, itself]; otherwise per sequence, the
@@ -34,9 +35,16 @@ import torch.nn.functional as F
 from .layout import Layout
 
 
-# Above this many sequences the per-sequence calls' Python and dispatch overhead (~20 us each, forward
-# and backward) outgrows what the padding costs at short lengths; the padded call runs instead.
+# Above this many sequences the per-sequence calls' Python and dispatch overhead outgrows what the
+# padding costs at short lengths; the padded call runs instead.
 LOOP_MAX_SEQS = 512
+# Each per-sequence call costs ~80 us forward + backward (Python, dispatch, the split and cat) and uses
+# the threads less well than one padded call over every sequence. Plain varlen runs per sequence only
+# where the padded (query, key) pairs it saves, times heads, reach this many per call per thread squared:
+# on the development machine the break-even was near 4k pairs at one thread and 16-20k at two (the
+# `tiny` preset's 30-60-token contexts lose 1.5x per call at two threads; its repeated predictor's
+# runs of four blocks gain 1.25x; I-JEPA ViT-Ti/16's are level at two threads and gain 1.5x at one).
+LOOP_MIN_SAVED_PAIRS = 4096
 
 
 def _padded_rows(layout: Layout) -> torch.Tensor:
@@ -119,7 +127,14 @@ def _per_sequence_masks(layout: Layout) -> list:
 
 def uses_per_sequence(layout: Layout, q: torch.Tensor) -> bool:
     """Whether `varlen_attention` runs one call per sequence for this layout (see the module docstring)."""
-    return (layout.host_lengths is not None and q.device.type == "cpu" and layout.num_seqs <= LOOP_MAX_SEQS)
+    if layout.host_lengths is None or q.device.type != "cpu" or layout.num_seqs > LOOP_MAX_SEQS:
+        return False
+    if layout.segment_ids is not None:
+        return True  # segments: the per-sequence paths skip the masked pairs too, not only the padding
+    heads = q.shape[1] if q.dim() == 3 else 1
+    saved = heads * layout._get("padded_pairs_saved", lambda: layout.num_seqs * layout.longest ** 2
+                                - sum(n * n for n in layout.host_lengths))
+    return saved >= LOOP_MIN_SAVED_PAIRS * torch.get_num_threads() ** 2 * len(_equal_length_runs(layout))
 
 
 def _sdpa_rows(q, k, v, scale: float, dropout_p: float, mask=None) -> torch.Tensor:
