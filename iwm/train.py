@@ -336,6 +336,9 @@ class Trainer:
                     break
             if self._pending:  # the loader ended between reads (it stops at total_steps, a read step)
                 self._read_window(writer, progress, stop.signal is not None, log_line=False, window=window)
+        except DistributedError:
+            writer.close()  # the rows read so far reach the disk: the process leaves without its exit handlers
+            raise
         finally:
             del batches  # shuts the workers down now, not whenever the iterator is collected
             profiler.close()
@@ -568,7 +571,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         trainer.train()
     except DistributedError as exc:
         # A peer is hung or gone: destroy_process_group, and the backend's destructors at interpreter exit,
-        # can wait on it without bound. The trainer has closed its files; leave now, without them.
+        # can wait on it without bound. The trainer has closed its logs (checkpoints are written whole);
+        # leave now, without them.
         print(f"error: {exc}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -266,6 +266,8 @@ def test_hung_peer_fails_the_other_rank_within_the_timeout(tmp_path):
     assert "Train: step 1/4" in out  # it got going before the peer hung
     assert "all-reduce failed" in err and f"meta.dist_timeout_s={timeout_s}s" in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+    # rank 0 leaves without its exit handlers (they could wait on the peer): the rows it read are on disk
+    assert [json.loads(r)["step"] for r in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0]
 
 
 @pytest.mark.slow
