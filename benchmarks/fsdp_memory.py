@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -78,9 +77,9 @@ def worker(args) -> None:
 
 def launch(mode: str, args) -> list[dict]:
     out = Path(args.tmp) / f"{mode}.json"
-    with socket.socket() as probe:  # a port the kernel says is free, not a guess in the ephemeral range
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    from iwm.distributed import free_port
+
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",

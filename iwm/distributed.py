@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,14 @@ def init_distributed(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local, float(timeout_s))
+
+
+def free_port() -> str:
+    """A TCP port nothing on this host listens on now, picked by the kernel, for a MASTER_PORT on one host
+    (a random guess can land in the ephemeral range that outgoing connections, gloo's among them, use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:

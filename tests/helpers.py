@@ -113,21 +113,13 @@ def assert_trained_close(a: torch.Tensor, b: torch.Tensor, name: str, *, lr: flo
     assert float(diff.max()) <= lr * steps, (name, float(diff.max()))
 
 
-def free_port() -> str:
-    """A TCP port nothing on this host listens on now, picked by the kernel (a random choice can land in
-    the ephemeral range that outgoing connections, gloo's among them, take their ports from)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def start_two_ranks(cmd: list, cwd, **popen) -> list:
     """Start `cmd` as rank 0 and rank 1 of a 2-process gloo group on this host (RANK / WORLD_SIZE /
     MASTER_* set as torchrun or srun would; one thread each so the two share 2 cores fairly)."""
     import os
     import subprocess
+
+    from iwm.distributed import free_port
 
     port = free_port()
     procs = []
@@ -137,3 +129,4 @@ def start_two_ranks(cmd: list, cwd, **popen) -> list:
                "PYTHONPATH": str(cwd)}
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen))
     return procs
+

@@ -292,3 +292,16 @@ def test_bf16_autocast_step_is_close_to_fp32(seed):
         loss16, _ = model(src, tgt, masks, action)
     assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
     assert abs(float(loss16.detach()) - float(loss32.detach())) < 0.05 * float(loss32.detach())
+
+
+def test_encoder_lengths_as_ints_or_cpu_tensor_equal_the_checked_path(seed):
+    """seq_lengths as Python ints (made into a CPU tensor) or as the MaskBatch's host_sizes column give the
+    checked path's output (the lengths only choose how the CPU attention runs)."""
+    enc = IWM.from_preset("tiny").encoder
+    masks = MultiBlockMaskSampler(8, min_keep=4, seed=seed).sample(3, 0)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    ref = enc(x, masks.context_index, cu_seqlens=masks.context_cu)
+    for lengths in (list(masks.context_sizes), masks.host_sizes[:, 0]):
+        got = enc(x, masks.context_index, cu_seqlens=masks.context_cu, max_seqlen=masks.context_index.shape[0],
+                  check_values=False, seq_lengths=lengths)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

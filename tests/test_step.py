@@ -246,7 +246,7 @@ def test_ddp_training_loop_reads_nothing_between_reads(tmp_path):
     import subprocess
     import sys
 
-    from tests.helpers import free_port
+    from iwm.distributed import free_port
 
     script = tmp_path / "rank.py"
     script.write_text(DDP_RANK)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import free_port
+from iwm.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and fast: the tiny preset at 32 px (16 patches), few layers, no evaluation.

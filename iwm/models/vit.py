@@ -17,7 +17,6 @@ from torch import nn
 
 import iwm_kernels
 from iwm_kernels import VarlenSelfAttention
-from iwm_kernels.attention.layout import attach_lengths
 
 from .pos_embed import sincos_2d
 
@@ -175,9 +174,9 @@ class VisionTransformer(nn.Module):
             raise ValueError("cu_seqlens: required with a packed index (or pass I-JEPA's list of [B, K] masks)")
         x = iwm_kernels.gather_tokens(tokens, masks, cu_seqlens, pos=self.pos_embed, backend=backend,
                                       check_values=check_values)
-        host = seq_lengths if isinstance(seq_lengths, torch.Tensor) else None
-        if seq_lengths is not None and host is None:
-            attach_lengths(cu_seqlens, seq_lengths)
+        host = seq_lengths
+        if host is not None and not isinstance(host, torch.Tensor):  # Python ints: the same CPU tensor
+            host = torch.tensor(list(host), dtype=torch.int64)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         for block in self.blocks:

@@ -3,8 +3,9 @@ ATen's fused flash-attention kernel (blocked, OpenMP-parallel, fp32 accumulation
 
 How a layout runs (first that applies):
 - equal lengths, no segments (I-JEPA's truncated masks): one call on views of the packed rows;
-- lengths known as Python ints (`Layout.host_lengths`: the model attaches a sampler's MaskBatch sizes
-  with `layout.attach_lengths`, or a checked layout read them), on the CPU, at most LOOP_MAX_SEQS
+- lengths known on the host (`Layout.host_lengths`: the model passes a sampler's `MaskBatch.host_sizes`
+  as the op's `host_lengths`, a caller may `layout.attach_lengths` Python ints, or a checked layout read
+  them), on the CPU, at most LOOP_MAX_SEQS
   sequences, and (plain varlen) enough padding saved per call to pay for the calls (LOOP_MIN_SAVED_PAIRS):
   no padding. Plain varlen: one call per run of consecutive equal-length sequences (the
   repeated predictor's M blocks of a sample share one), on views. Segments with known segment lengths:
