@@ -15,6 +15,11 @@ Two predictor layouts (see `iwm_kernels.pack_predictor_sequences`):
 - repeated: I-JEPA's, one sequence per (sample, target block): the context repeated, full attention
             over Lc + Lt_j tokens, pairs = sum_j (Lc + Lt_j)^2.
 
+The predictor's last block: nothing reads its context rows (only the target rows go on to the loss), so
+ours runs that block's output projection and MLP on the target rows only (every row still gives keys
+and values, and every query is still computed); the faithful baseline runs them on every row
+(`prune_last_block=False`), as I-JEPA's code does.
+
 Feature conditioning: our predictor splits the action MLP's first layer into a per-grid-position part
 (once per position) and a per-sample part; the faithful I-JEPA-style baseline
 (`benchmarks.ijepa_baseline`) runs it unsplit on every target row (`split_conditioning=False`).
@@ -80,10 +85,12 @@ def predictor_pairs(context_lengths: Sequence[int], target_lengths: Sequence[Seq
 
 def predictor_flops(pred: ViTDims, embed_dim: int, context_lengths: Sequence[int],
                     target_lengths: Sequence[Sequence[int]], *, shared: bool, conditioning: str = "feature",
-                    patches: int = 0, split_conditioning: bool = True) -> float:
+                    patches: int = 0, split_conditioning: bool = True, prune_last_block: bool = True) -> float:
     """Forward FLOPs of the predictor: the context embedding (each context token once), the conditioned
     mask tokens, the blocks over the packed sequences, and the projection of the target tokens.
-    split_conditioning=False: the action MLP's first layer runs on concat(token, action) per target row."""
+    split_conditioning=False: the action MLP's first layer runs on concat(token, action) per target row.
+    prune_last_block=False: the last block's output projection and MLP run on every row, not only on
+    the target rows."""
     ctx = float(sum(context_lengths))
     tgt = float(sum(sum(b) for b in target_lengths))
     extra = ACTION_DIM if conditioning == "sequence" else 0
@@ -95,7 +102,15 @@ def predictor_flops(pred: ViTDims, embed_dim: int, context_lengths: Sequence[int
     elif conditioning == "feature":  # fc1 on every target row's concat(token, action), then fc2, fc3
         flops += linear_flops(tgt, pred.dim + ACTION_DIM, pred.dim) + 2 * linear_flops(tgt, pred.dim, pred.dim)
     flops += pred.depth * block_flops(tokens, pairs, pred.dim, pred.mlp_hidden)
+    if prune_last_block and pred.depth:
+        flops -= last_block_unread_flops(pred, tokens - tgt)
     return flops + linear_flops(tgt, pred.dim, embed_dim)
+
+
+def last_block_unread_flops(pred: ViTDims, rows: float) -> float:
+    """The last predictor block's output projection and MLP on `rows` rows that nothing reads."""
+    return (linear_flops(rows, pred.dim, pred.dim) + linear_flops(rows, pred.dim, pred.mlp_hidden)
+            + linear_flops(rows, pred.mlp_hidden, pred.dim))
 
 
 @dataclass(frozen=True)
@@ -128,10 +143,11 @@ def model_dims(model) -> tuple[ViTDims, ViTDims, int, int]:
 
 
 def step_flops(model, context_lengths: Sequence[int], target_lengths: Sequence[Sequence[int]], *,
-               shared: bool, split_conditioning: bool = True) -> StepFlops:
+               shared: bool, split_conditioning: bool = True, prune_last_block: bool = True) -> StepFlops:
     """FLOPs of one step of `model` (an `iwm.models.IWM`) on one batch of masks given as lengths:
     context_lengths[b] context tokens and target_lengths[b] = the M target block lengths of sample b.
-    split_conditioning=False counts the dense I-JEPA-style baseline's unsplit action MLP."""
+    split_conditioning=False, prune_last_block=False count the dense I-JEPA-style baseline (its unsplit
+    action MLP, its last predictor block on every row)."""
     enc, pred, patches, patch_in = model_dims(model)
     batch = len(context_lengths)
     return StepFlops(
@@ -139,7 +155,7 @@ def step_flops(model, context_lengths: Sequence[int], target_lengths: Sequence[S
         target_encoder=encoder_flops(enc, [patches] * batch, batch, patches, patch_in),
         predictor=predictor_flops(pred, enc.dim, context_lengths, target_lengths, shared=shared,
                                   conditioning=model.predictor.conditioning, patches=patches,
-                                  split_conditioning=split_conditioning))
+                                  split_conditioning=split_conditioning, prune_last_block=prune_last_block))
 
 
 def mask_lengths(masks) -> tuple[list[int], list[list[int]]]:

@@ -64,7 +64,7 @@ def block(blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def encoder_forward(vit: nn.Module, images: torch.Tensor, masks=None) -> torch.Tensor:
     """I-JEPA's `VisionTransformer.forward(x, masks)`: [B, N, D], or [len(masks) * B, K, D]."""
-    x = vit.patch_embed(images)
+    x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)  # I-JEPA's PatchEmbed: a strided view
     x = x + vit.pos_embed.to(x.dtype)
     if masks is not None:
         x = apply_masks(x, masks)

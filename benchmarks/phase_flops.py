@@ -2,8 +2,8 @@
 
 Computed: torch's FlopCounterMode over one real forward and backward (every matmul, convolution and
 attention op the step dispatches, with the shapes it really ran: padded rows and padded (query, key)
-pairs count). CPU SDPA's flash kernel has no formula in torch, so one is added here (its mask is not
-looked at: a padded square counts whole, which is what that kernel computes).
+pairs count). CPU SDPA's flash kernel and the in-place addmm_ have no formula in torch, so they are added here
+(the flash kernel's mask is not looked at: a padded square counts whole, which is what it computes).
 Needed: `benchmarks.flops`, analytic, from the variant's own tokens and layout (the predictor's repeated
 context is I-JEPA's computation, so it is needed work).
 
@@ -40,8 +40,15 @@ def _cpu_flash_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, o
     return 8 * b * h * sq * key_shape[2] * d
 
 
+def _addmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+# torch's counter has no formula for CPU SDPA's flash kernel, nor for the in-place addmm_ that
+# `iwm_kernels.rows.residual_linear` accumulates into the residual with.
 CUSTOM = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_fwd,
-          aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_bwd}
+          aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_bwd,
+          aten.addmm_: _addmm_inplace}
 # The ops that are attention products: fused SDPA kernels, and the hand-written / math path's bmm.
 ATTENTION_OPS = {"aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_flash_attention",
                  "aten._scaled_dot_product_efficient_attention", "aten._scaled_dot_product_cudnn_attention",
@@ -69,11 +76,13 @@ def _split(counts: dict) -> tuple[float, float]:
     return total, float(sum(v for op, v in counts.items() if str(op) in ATTENTION_OPS))
 
 
-def needed(model, context_lengths, target_lengths, *, shared: bool, split_conditioning: bool = True) -> dict:
-    """Analytic FLOPs per phase for these tokens (see the module docstring)."""
+def needed(model, context_lengths, target_lengths, *, shared: bool, dense: bool = False) -> dict:
+    """Analytic FLOPs per phase for these tokens (see the module docstring); dense=True for the
+    I-JEPA-style baseline's algorithm (its unsplit action MLP, its last predictor block on every row)."""
     enc, pred, patches, patch_in = F.model_dims(model)
     batch = len(context_lengths)
-    step = F.step_flops(model, context_lengths, target_lengths, shared=shared, split_conditioning=split_conditioning)
+    step = F.step_flops(model, context_lengths, target_lengths, shared=shared, split_conditioning=not dense,
+                        prune_last_block=not dense)
     extra = F.ACTION_DIM if model.predictor.conditioning == "sequence" else 0
     _, pairs = F.predictor_pairs(context_lengths, target_lengths, shared, extra)
     attention = (enc.depth * F.attention_flops(batch * patches * patches, enc.dim)
@@ -133,7 +142,7 @@ def baseline(forward, source, target, masks_enc, masks_pred, action=None) -> lis
     batch = masks_enc[0].shape[0]
     kc, kt = masks_enc[0].shape[1], masks_pred[0].shape[1]
     return _phases(computed, needed(model, [kc] * batch, [[kt] * len(masks_pred)] * batch, shared=False,
-                                    split_conditioning=False))
+                                    dense=True))
 
 
 def worst(phases: list[Phase]) -> Phase:

@@ -194,10 +194,14 @@ class VisionTransformerPredictor(nn.Module):
                                           shared_context=shared, extra=extra, extra_cu=extra_cu,
                                           max_seqlen=longest, check_values=checked)
         h = packed.x
-        for block in self.predictor_blocks:
+        last = len(self.predictor_blocks) - 1
+        for i, block in enumerate(self.predictor_blocks):
+            # Nothing reads the last block's context rows: it keeps only the target rows (packed target
+            # order), so their projection and MLP are never computed.
             h = block(h, packed.cu_seqlens, packed.max_seqlen, segment_ids=packed.segment_ids, backend=backend,
-                      check_values=checked, host_lengths=host)
-        h = unpack_targets(h, packed)
+                      check_values=checked, host_lengths=host, rows=packed.target_rows if i == last else None)
+        if last < 0:
+            h = unpack_targets(h, packed)
         return self.predictor_proj(self.predictor_norm(h))
 
     # -- I-JEPA's dense calling convention ---------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 
 import iwm_kernels
 from iwm_kernels import VarlenSelfAttention
+from iwm_kernels.rows import gather_rows, residual_linear
 
 from .pos_embed import sincos_2d
 
@@ -46,8 +47,10 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """fc2(gelu(fc1(x))), plus `residual` (fused into fc2's matmul) if given."""
+        h = self.act(self.fc1(x))
+        return self.fc2(h) if residual is None else residual_linear(residual, h, self.fc2)
 
 
 class Block(nn.Module):
@@ -62,14 +65,22 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 segment_ids: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-                check_values: bool = True, host_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, segment_ids=segment_ids, backend=backend,
-                          check_values=check_values, host_lengths=host_lengths)
-        return x + self.mlp(self.norm2(x))
+                check_values: bool = True, host_lengths: Optional[torch.Tensor] = None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [T, D] packed tokens -> [T, D]; with `rows` (int64 row indices without repeats) only those
+        rows' outputs, [len(rows), D]: every token is still attended to (keys and values), but the output
+        projection, the MLP and their backward run on the rows that something reads (the predictor's
+        last block: its target rows), for the same values and gradients."""
+        a = self.attn.attend(self.norm1(x), cu_seqlens, max_seqlen, segment_ids=segment_ids, backend=backend,
+                             check_values=check_values, host_lengths=host_lengths)
+        if rows is not None:
+            x, a = gather_rows(x, rows), gather_rows(a, rows)
+        x = self.attn.project(a, residual=x)
+        return self.mlp(self.norm2(x), residual=x)
 
     def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn.forward_dense(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = self.attn.forward_dense(self.norm1(x), residual=x)
+        return self.mlp(self.norm2(x), residual=x)
 
 
 def init_vit_weights(module: nn.Module) -> None:
@@ -103,7 +114,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D]
+        # Contiguous [B, N, D]: the conv's [B, D, N] transposed would make every residual add keep that
+        # layout and every LayerNorm copy its input first (I-JEPA's code pays this).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class VisionTransformer(nn.Module):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._availability import warn_once
+from ..rows import residual_linear
 
 
 class VarlenSelfAttention(nn.Module):
@@ -36,6 +37,13 @@ class VarlenSelfAttention(nn.Module):
                 segment_ids: Optional[torch.Tensor] = None, backend: Optional[str] = None,
                 check_values: bool = True, host_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [T, D] packed tokens -> [T, D]. check_values, host_lengths: as for `varlen_attention`."""
+        return self.project(self.attend(x, cu_seqlens, max_seqlen, segment_ids=segment_ids, backend=backend,
+                                        check_values=check_values, host_lengths=host_lengths))
+
+    def attend(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+               segment_ids: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+               check_values: bool = True, host_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention before the output projection: x [T, D] packed tokens -> [T, D] (heads merged)."""
         from . import native, prepare, varlen_attention
 
         if x.dim() != 2:
@@ -54,11 +62,19 @@ class VarlenSelfAttention(nn.Module):
         else:
             out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, segment_ids=segment_ids, scale=self.scale,
                                    backend=backend, check_values=check_values, host_lengths=host_lengths)
-        return self.proj_drop(self.proj(out.reshape(T, D)))
+        return out.reshape(T, D)
 
-    def forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, N, D] equal-length sequences -> [B, N, D], with the same weights, through
-        F.scaled_dot_product_attention (the fastest dense kernel PyTorch has)."""
+    def project(self, out: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The output projection of `attend`'s [..., D] rows, added to `residual` if given (fused)."""
+        if residual is None:
+            return self.proj_drop(self.proj(out))
+        if self.training and self.proj_drop.p > 0:
+            return residual + self.proj_drop(self.proj(out))
+        return residual_linear(residual, out, self.proj)
+
+    def forward_dense(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [B, N, D] equal-length sequences -> [B, N, D] (plus `residual`, fused, if given), with the
+        same weights, through F.scaled_dot_product_attention (the fastest dense kernel PyTorch has)."""
         if x.dim() != 3:
             raise ValueError(f"x: expected [B, N, D], got shape {tuple(x.shape)}")
         B, N, D = x.shape
@@ -66,7 +82,7 @@ class VarlenSelfAttention(nn.Module):
         q, k, v = qkv.unbind(0)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0,
                                              scale=self.scale)
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
+        return self.project(out.transpose(1, 2).reshape(B, N, D), residual)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}, attn_drop={self.attn_drop}"

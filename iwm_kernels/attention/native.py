@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..rows import gather_rows
 from .layout import Layout
 
 
@@ -61,29 +62,10 @@ def _pad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     return buf.view(S, L, *x.shape[1:]).transpose(1, 2)
 
 
-class _GatherRows(torch.autograd.Function):
-    """x.index_select(0, rows) for rows without repeats. Its backward scatters (index_copy) instead of
-    index_select's accumulating index_add, which runs serially on the CPU."""
-
-    @staticmethod
-    def forward(ctx, x, rows):
-        ctx.save_for_backward(rows)
-        ctx.num_rows = x.shape[0]
-        return x.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        return grad.new_zeros((ctx.num_rows,) + tuple(grad.shape[1:])).index_copy_(0, rows, grad), None
-
-
 def _unpad(x: torch.Tensor, layout: Layout) -> torch.Tensor:
     """[S, H, L, Dh] -> [T, H, Dh]."""
     S, H, L, D = x.shape
-    flat = x.transpose(1, 2).reshape(S * L, H, D)
-    if torch.is_grad_enabled() and flat.requires_grad:
-        return _GatherRows.apply(flat, _padded_rows(layout))
-    return flat.index_select(0, _padded_rows(layout))
+    return gather_rows(x.transpose(1, 2).reshape(S * L, H, D), _padded_rows(layout))
 
 
 def mask(layout: Layout) -> Optional[torch.Tensor]:
