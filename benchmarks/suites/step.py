@@ -46,6 +46,11 @@ torch.compile covers the forward (and so its backward); augmentation, masks, Ada
 in the eager form of the variant. It compiles with dynamic=True, because the token counts change every
 step. A compile that fails, or takes longer than its time limit, leaves a row with the reason.
 
+Taking turns: after the rows, the baseline and the equal-work row run once more in alternation, step by
+step on the same masks, and the equal-work row records the median of the per-step ratios ("speedup vs
+the baseline, taking turns", with the number of steps and their range): on a shared machine whose speed
+drifts over the minutes between two rows, that ratio is the steadier one.
+
 Measures: step ms (median over the timed steps, warm-up and compilation excluded), img/s, peak memory
 (CUDA: max allocated; CPU: the process's peak resident set during the timed steps), the context and
 target tokens per step, and model FLOPs: `benchmarks.flops` counts the step's FLOPs from each
@@ -89,6 +94,8 @@ EQUAL_WORK = "ours, equal work"
 PHASES = ("views", "masks", "forward", "backward", "clip", "adamw", "ema", "record")
 MOMENTUM = 0.996
 LOSS = ijepa_baseline.LOSS
+# The equal-work row's speedup with the baseline timed in alternation (see StepBench.paired_speedup).
+PAIRED = "speedup vs the baseline, taking turns"
 HELD_EQUAL = ("weights, images, augmentation, I-JEPA's truncated masks (same context/target tokens), "
               "repeated predictor layout, model FLOPs, smooth-L1 loss, AdamW groups and EMA")
 
@@ -307,8 +314,9 @@ class StepBench:
                 masks = masks.truncated()
             ctx, tgt = mask_lengths(masks)
             shared = variant.layout == "shared"
-            flops += step_flops(self.model, ctx, tgt, shared=shared,
-                                split_conditioning=variant.impl != "ijepa").step
+            dense = variant.impl == "ijepa"  # the baseline's own algorithm: unsplit action MLP, unpruned last block
+            flops += step_flops(self.model, ctx, tgt, shared=shared, split_conditioning=not dense,
+                                prune_last_block=not dense).step
             ctx_tokens += sum(ctx)
             tgt_tokens += sum(map(sum, tgt))
             pred_tokens += sum(c + sum(t) if shared else len(t) * c + sum(t) for c, t in zip(ctx, tgt))
@@ -502,6 +510,36 @@ class StepBench:
                               "flop_phases": phase_flops.as_dict(accounting),
                               "breakdown_ms": breakdown})
 
+    def paired_speedup(self, base: Variant, ours: Variant) -> Optional[dict]:
+        """The baseline and ours taking turns step by step on the same masks (step i of one, then of the
+        other, the order swapped every step), so that a slow spell of a shared machine hits both: the
+        median over the steps of baseline ms / ours ms. Eager variants only."""
+        case, device = self.case, self.device
+        self.model.load_state_dict(self.initial_state)
+        steps, cleanups, times = [], [], {base.name: [], ours.name: []}
+        try:
+            for v in (base, ours):
+                optimizer = self.optimizer_for(v)
+                step, cleanup = self.make_step(v, optimizer, Marks(device))
+                cleanups.append(cleanup)
+                steps.append((v.name, step))
+                for i in range(case.warmup):
+                    step(i)
+                _sync(device)
+            for n, i in enumerate(range(case.warmup, case.warmup + max(case.iters, 5))):
+                for name, step in steps if n % 2 == 0 else steps[::-1]:
+                    t0 = time.perf_counter()
+                    step(i)
+                    _sync(device)
+                    times[name].append(time.perf_counter() - t0)
+        finally:
+            for cleanup in cleanups:
+                cleanup()
+            self.model.zero_grad(set_to_none=True)
+        ratios = [b / o for b, o in zip(times[base.name], times[ours.name])]
+        return {"speedup": statistics.median(ratios), "steps": len(ratios),
+                "spread": (min(ratios), max(ratios))}
+
     def losses_at_step0(self) -> dict[str, float]:
         """Step-0 losses from the initial weights and the reference views: the baseline, ours on equal
         work (fused and reference kernels), ours on the ragged masks (fused and reference kernels)."""
@@ -574,6 +612,19 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        equal = next((r for r in rows if r.case == case.label and r.impl == EQUAL_WORK and r.ms), None)
+        if equal is not None and time_left() > 0 and \
+                any(r.case == case.label and r.impl == BASELINE and r.ms for r in rows):
+            progress(f"step | {case.label} | the baseline and ours, taking turns")
+            try:
+                paired = bench.paired_speedup(variant(BASELINE), variant(EQUAL_WORK))
+            except Exception as exc:
+                equal.note = "; ".join(x for x in (equal.note, f"taking turns failed: {type(exc).__name__}: "
+                                                              f"{str(exc)[:120]}") if x)
+            else:
+                lo, hi = paired["spread"]
+                equal.extra[PAIRED] = paired["speedup"]
+                equal.extra[PAIRED + " (steps, range)"] = f"{paired['steps']}, {lo:.2f}-{hi:.2f}"
         del bench
         gc.collect()
         if device.type == "cuda":
