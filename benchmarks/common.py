@@ -23,6 +23,11 @@ from typing import Callable, Iterator, Optional
 import torch
 
 
+# Row.extra key: our row's speedup measured taking turns step by step with its baseline (the step
+# suite writes it, the report's headline shows it).
+TAKING_TURNS = "speedup vs the baseline, taking turns"
+
+
 @dataclass
 class Row:
     suite: str                    # "ema", "gather", "attention", ...

@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .common import Ceilings, Row, device_name, environment, measure_ceilings, set_deadline
+from .common import TAKING_TURNS, Ceilings, Row, device_name, environment, measure_ceilings, set_deadline
 
 # Suites in report order; a suite module exposes run(device, quick, progress) -> list[Row].
 SUITES = ["ema", "gather", "attention", "augment", "step", "data"]
@@ -108,9 +108,8 @@ def headline(rows: list[Row], ceilings: Ceilings) -> list[dict]:
                                                        "differs": r.differs or "less work by design"}
             if "img/s" in best.extra:
                 entry["img/s"] = best.extra["img/s"]
-            turns = next((v for k, v in best.extra.items() if k.endswith("taking turns")), None)
-            if turns:
-                entry["speedup_taking_turns"] = turns
+            if best.extra.get(TAKING_TURNS):
+                entry["speedup_taking_turns"] = best.extra[TAKING_TURNS]
         else:
             why = [r.note for r in crow if is_ours(r.impl) and r.same_work and r.note]
             entry["note"] = "ours did not run" + (f": {why[0]}" if why else "")

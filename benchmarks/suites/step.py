@@ -82,7 +82,7 @@ from iwm.step import TrainStep
 from iwm_kernels import use_backend
 
 from .. import ijepa_baseline, phase_flops
-from ..common import Row, TimeLimitExceeded, quiet_compile, time_left, time_limit
+from ..common import TAKING_TURNS, Row, TimeLimitExceeded, quiet_compile, time_left, time_limit
 from ..flops import mask_lengths, step_flops
 from ..ijepa_baseline import IJEPAForward
 
@@ -94,8 +94,6 @@ EQUAL_WORK = "ours, equal work"
 PHASES = ("views", "masks", "forward", "backward", "clip", "adamw", "ema", "record")
 MOMENTUM = 0.996
 LOSS = ijepa_baseline.LOSS
-# The equal-work row's speedup with the baseline timed in alternation (see StepBench.paired_speedup).
-PAIRED = "speedup vs the baseline, taking turns"
 HELD_EQUAL = ("weights, images, augmentation, I-JEPA's truncated masks (same context/target tokens), "
               "repeated predictor layout, model FLOPs, smooth-L1 loss, AdamW groups and EMA")
 
@@ -623,8 +621,8 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
                                                               f"{str(exc)[:120]}") if x)
             else:
                 lo, hi = paired["spread"]
-                equal.extra[PAIRED] = paired["speedup"]
-                equal.extra[PAIRED + " (steps, range)"] = f"{paired['steps']}, {lo:.2f}-{hi:.2f}"
+                equal.extra[TAKING_TURNS] = paired["speedup"]
+                equal.extra[TAKING_TURNS + " (steps, range)"] = f"{paired['steps']}, {lo:.2f}-{hi:.2f}"
         del bench
         gc.collect()
         if device.type == "cuda":

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from .._validate import check_cu_seqlens, check_max_seqlen, check_tensor
+from ..rows import gather_rows
 
 
 @dataclass
@@ -156,4 +157,4 @@ def unpack_targets(out: torch.Tensor, packed: PackedPredictorInput) -> torch.Ten
     if out.dim() < 1 or out.shape[0] != packed.num_tokens:
         raise ValueError(f"out: expected {packed.num_tokens} rows (the packed predictor tokens), "
                          f"got shape {tuple(out.shape)}")
-    return out.index_select(0, packed.target_rows)
+    return gather_rows(out, packed.target_rows)  # no row repeats: the backward scatters, not index_add
