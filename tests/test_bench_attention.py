@@ -82,3 +82,21 @@ def test_flex_mask_mod_rules():
     assert bool(shared(0, 0, q, torch.tensor(0)))                     # every block sees the context
     assert not bool(shared(0, 0, torch.tensor(0), q))                 # the context sees only itself
     assert not bool(same(0, 0, torch.tensor(4), torch.tensor(0)))     # never across sequences
+
+
+@pytest.mark.slow
+def test_compiled_flex_serves_a_second_shape(monkeypatch, seed):
+    """The compiled FlexAttention runs a second shape too (static recompiles): with torch's automatic
+    dynamic shapes the second compile (here the shared layout's token count after the repeated one's)
+    emitted C++ that Inductor's CPU template could not build (torch 2.13)."""
+    monkeypatch.setattr(suite, "_compiled_flex", {})
+    case = suite.make_case(suite.PredictorShape("p", 12, 32, "test"), 2, torch.float32, CPU)
+    impls = suite.implementations(case, CPU)
+    with suite.flex_recompiles():
+        for mode, pk in (("repeated", case.repeated), ("shared", case.shared)):
+            fwd, (q, k, v) = impls[f"FlexAttention {mode}"][0](grad=False)
+            with torch.no_grad():
+                got = fwd()
+                want = reference(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                 pk.cu_seqlens, pk.segment_ids, 32 ** -0.5)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -12,15 +12,15 @@ sample), context = the complement of their union (IWM), so contexts are ragged. 
   xformers BlockDiagonalMask / flash-attn varlen   the packed repeated-context work, where importable
                             (flash_attn_varlen_func: CUDA, fp16/bf16). SDPA's cuDNN backend is one of the
                             forced SDPA backends on a GPU.
-  FlexAttention repeated / shared   torch.nn.attention.flex_attention, compiled (torch.compile, its fused
-                            kernel), on the packed tokens as one [1, H, T, Dh] batch with a BlockMask:
-                            repeated layout, the same-sequence rule (a query sees the keys of its own
-                            packed sequence, seq[q] == seq[k]); shared layout, the same sequence and the
-                            segment rule (a key in segment 0, or in the query's own segment). The block
-                            mask is built once per batch and reused, as users do; its build time is a
-                            figure of its own ("block mask build ms"). On the CPU, forward only:
-                            FlexAttention has no CPU backward (the reason is read from torch itself and
-                            reported under what did not run).
+  FlexAttention repeated / shared   torch.nn.attention.flex_attention, compiled (torch.compile with static
+                            shapes, one compile per case: its fused kernel), on the packed tokens as
+                            one [1, H, T, Dh] batch with a BlockMask: repeated layout, the same-sequence
+                            rule (a query sees the keys of its own packed sequence, seq[q] == seq[k]);
+                            shared layout, the same sequence and the segment rule (a key in segment 0,
+                            or in the query's own segment). The block mask is built once per batch and
+                            reused, as users do; its build time is a figure of its own ("block mask
+                            build ms"). On the CPU, forward only: FlexAttention has no CPU backward (the
+                            reason is read from torch itself and reported under what did not run).
   ours repeated / shared    varlen_attention (Triton on CUDA, native on CPU) on the packed repeated
                             layout, and on the shared-context layout (one sequence per sample).
 
@@ -31,6 +31,7 @@ a depth-12 (or 18) predictor runs the layer 12 (18) times.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -179,12 +180,28 @@ _compiled_flex: dict = {}
 
 
 def flex_function(flex_attention: Callable) -> Callable:
-    """torch.compile(flex_attention), once per process (eager flex materialises every score)."""
+    """torch.compile(flex_attention), once per process (eager flex materialises every score).
+
+    Static shapes (dynamic=False): each case's shape compiles on its own. With torch's automatic dynamic
+    shapes the second shape recompiles with symbolic sizes, and Inductor's CPU FlexAttention template
+    then emits C++ that does not compile (torch 2.13: `cur_qSplitSize8` undeclared), which failed three
+    of the four CPU rows."""
     if not FLEX_COMPILE:
         return flex_attention
     if "fn" not in _compiled_flex:
-        _compiled_flex["fn"] = torch.compile(flex_attention)
+        _compiled_flex["fn"] = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex["fn"]
+
+
+@contextlib.contextmanager
+def flex_recompiles(limit: int = 64):
+    """Room for one static compile per (case, layout, grad mode): dynamo's default limit (8 per function)
+    would otherwise fall back to eager FlexAttention, silently, part way through the suite."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    with dynamo_config.patch(**{name: max(limit, getattr(dynamo_config, name))}):
+        yield
 
 
 def flex_mask_mod(seq_of_token: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> Callable:
@@ -352,7 +369,7 @@ def check_outputs(case: Case, outputs: dict, rep_layout, sh_layout, device: torc
 
 
 def run(device: torch.device, quick: bool, progress: Callable[[str], None] = print) -> list[Row]:
-    with quiet_compile():  # FlexAttention compiles (and warns when it does not)
+    with quiet_compile(), flex_recompiles():  # FlexAttention compiles (and warns when it does not)
         return _run(device, quick, progress)
 
 
