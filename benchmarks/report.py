@@ -105,7 +105,8 @@ def headline(rows: list[Row], ceilings: Ceilings) -> list[dict]:
                     entry["others"][r.impl] = r.ms / best.ms
                 elif r.ms and is_ours(r.impl) and not r.same_work and base:
                     entry["different_work"][r.impl] = {"speedup": base.ms / r.ms,   # its own, over the baseline
-                                                       "differs": r.differs or "less work by design"}
+                                                       "differs": r.differs or "less work by design",
+                                                       "speedup_taking_turns": r.extra.get(TAKING_TURNS)}
             if "img/s" in best.extra:
                 entry["img/s"] = best.extra["img/s"]
             if best.extra.get(TAKING_TURNS):
@@ -131,7 +132,8 @@ def headline_markdown(entries: list[dict]) -> list[str]:
         turns = [f"{e['speedup_taking_turns']:.2f}× vs {e['baseline']} taking turns step by step"] \
             if e.get("speedup_taking_turns") else []
         others = "; ".join(turns + [f"{v:.2f}× vs {k}" for k, v in e["others"].items()]
-                           + [f"{k} ({d['differs']}): {d['speedup']:.2f}× the baseline"
+                           + [f"{k} ({d['differs']}): {d['speedup']:.2f}× the baseline" + (
+                               f" ({d['speedup_taking_turns']:.2f}× taking turns)" if d.get("speedup_taking_turns") else "")
                               for k, d in e.get("different_work", {}).items()])
         if e["note"]:
             others = "; ".join(x for x in (others, e["note"]) if x)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import report
-from benchmarks.common import Ceilings, Row
+from benchmarks.common import TAKING_TURNS, Ceilings, Row
 
 CEIL = Ceilings(copy_gbps=100.0, matmul_tflops=10.0, matmul_dtype="float32")
 ENV = {"device": "fake CPU", "torch": "0", "cuda": None, "triton": None, "iwm": "0", "git_commit": "abc"}
@@ -123,9 +123,15 @@ def test_headline_never_picks_a_row_that_does_less_work():
     (entry,) = report.headline(rows, CEIL)
     assert entry["ours"] == "ours repeated (native)" and entry["speedup"] == pytest.approx(10 / 12)
     assert entry["different_work"] == {"ours shared (native)": {"speedup": pytest.approx(2.0),
-                                                                 "differs": "less work by design"}}
+                                                                 "differs": "less work by design",
+                                                                 "speedup_taking_turns": None}}
     line = report.headline_markdown([entry])[-1]
     assert "ours shared (native) (less work by design): 2.00× the baseline" in line
+    assert "taking turns" not in line
+    # a model option that took turns with the baseline shows that figure beside its row ratio
+    rows[2].extra[TAKING_TURNS] = 1.9
+    line = report.headline_markdown(report.headline(rows, CEIL))[-1]
+    assert "ours shared (native) (less work by design): 2.00× the baseline (1.90× taking turns)" in line
 
 
 def test_headline_names_what_it_holds_equal_and_the_best_equal_baseline():

@@ -313,3 +313,44 @@ def test_taking_turns_times_both_on_the_same_steps(bench, monkeypatch):
     assert [i for _, i in timed] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
     assert [n for n, _ in timed[:4]] == [suite.BASELINE, suite.EQUAL_WORK, suite.EQUAL_WORK, suite.BASELINE]
     assert bench.model.predictor.shared_context is False
+
+
+def test_taking_turns_sets_each_variants_layout_on_every_step(bench, monkeypatch):
+    """Ours on the shared layout taking turns with the baseline: every step runs with its own variant's
+    predictor layout, whichever step ran before it, and the layout is restored afterwards."""
+    seen = []
+    monkeypatch.setattr(bench, "_our_step", lambda v, o, m: lambda i: seen.append(
+        ("ours", bench.model.predictor.shared_context)))
+    monkeypatch.setattr(bench, "_ijepa_step", lambda v, o, m: lambda i: seen.append(
+        ("ijepa", bench.model.predictor.shared_context)))
+    bench.paired_speedup(suite.variant(suite.BASELINE), suite.variant("ours, shared context"))
+    assert {impl for impl, _ in seen} == {"ours", "ijepa"} and len(seen) >= 12
+    assert all(shared == (impl == "ours") for impl, shared in seen)
+    assert bench.model.predictor.shared_context is False
+
+
+def test_take_turns_covers_equal_work_and_the_model_options(bench, monkeypatch):
+    """Each of ours that ran gets the taking-turns figure; one that did not run is left alone, and a failed
+    pairing is a note on its row, not a crash."""
+    label = bench.case.label
+    rows = [common.Row(suite.SUITE, label, name, ms) for name, ms in (
+        (suite.BASELINE, 2.0), (suite.EQUAL_WORK, 1.0), ("ours, ragged masks", 1.5), ("ours, shared context", None))]
+    paired = []
+
+    def fake(base, ours):
+        paired.append(ours.name)
+        if ours.name == "ours, ragged masks":
+            raise RuntimeError("out of memory")
+        return {"speedup": 1.25, "steps": 5, "spread": (1.2, 1.3)}
+    monkeypatch.setattr(bench, "paired_speedup", fake)
+    suite.take_turns(bench, rows, lambda msg: None)
+    assert paired == [suite.EQUAL_WORK, "ours, ragged masks"]
+    equal, ragged, shared = rows[1:]
+    assert equal.extra[common.TAKING_TURNS] == 1.25
+    assert equal.extra[common.TAKING_TURNS + " (steps, range)"] == "5, 1.20-1.30"
+    assert common.TAKING_TURNS not in ragged.extra and "taking turns failed: RuntimeError" in ragged.note
+    assert shared.extra == {} and shared.note == ""
+    rows[0].ms = None  # no baseline: nothing to take turns with
+    paired.clear()
+    suite.take_turns(bench, rows, lambda msg: None)
+    assert paired == []

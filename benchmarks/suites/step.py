@@ -46,10 +46,11 @@ torch.compile covers the forward (and so its backward); augmentation, masks, Ada
 in the eager form of the variant. It compiles with dynamic=True, because the token counts change every
 step. A compile that fails, or takes longer than its time limit, leaves a row with the reason.
 
-Taking turns: after the rows, the baseline and the equal-work row run once more in alternation, step by
-step on the same masks, and the equal-work row records the median of the per-step ratios ("speedup vs
-the baseline, taking turns", with the number of steps and their range): on a shared machine whose speed
-drifts over the minutes between two rows, that ratio is the steadier one.
+Taking turns: after the rows, the baseline runs once more in alternation with the equal-work row, then
+with each model-option row (ragged masks, shared context), step by step on the same step indices, and
+each records the median of its per-step ratios ("speedup vs the baseline, taking turns", with the number
+of steps and their range): on a shared machine whose speed drifts over the minutes between two rows,
+that ratio is the steadier one.
 
 Measures: step ms (median over the timed steps, warm-up and compilation excluded), img/s, peak memory
 (CUDA: max allocated; CPU: the process's peak resident set during the timed steps), the context and
@@ -357,11 +358,15 @@ class StepBench:
         ranges; the baseline marks the same phases around its own code."""
         model = self.model
         layout_before = model.predictor.shared_context
-        model.predictor.shared_context = variant.layout == "shared"
+        shared = model.predictor.shared_context = variant.layout == "shared"
         if variant.impl == "ijepa":
-            step = self._ijepa_step(variant, optimizer, marks)
+            inner = self._ijepa_step(variant, optimizer, marks)
         else:
-            step = self._our_step(variant, optimizer, marks)
+            inner = self._our_step(variant, optimizer, marks)
+
+        def step(i: int) -> None:
+            model.predictor.shared_context = shared  # each call: steps of two layouts may take turns
+            inner(i)
 
         def cleanup() -> None:
             model.predictor.shared_context = layout_before
@@ -579,6 +584,32 @@ class StepBench:
         return ("MISMATCH: " + "; ".join(problems)) if problems else None
 
 
+# Ours that take turns with the baseline after the rows: equal work first (the headline's figure), then the
+# model options, whose rows otherwise compare two runs minutes apart on a machine whose speed drifts.
+TURN_TAKERS = (EQUAL_WORK, "ours, ragged masks", "ours, shared context")
+
+
+def take_turns(bench: "StepBench", case_rows: list[Row], progress: Callable[[str], None]) -> None:
+    """Adds the taking-turns speedup (median, steps and range) to each eager row of TURN_TAKERS that ran,
+    while the report's time lasts; a failure is a note on that row."""
+    if not any(r.impl == BASELINE and r.ms for r in case_rows):
+        return
+    for name in TURN_TAKERS:
+        row = next((r for r in case_rows if r.impl == name and r.ms), None)
+        if row is None or time_left() <= 0:
+            continue
+        progress(f"step | {bench.case.label} | the baseline and {name}, taking turns")
+        try:
+            paired = bench.paired_speedup(variant(BASELINE), variant(name))
+        except Exception as exc:
+            row.note = "; ".join(x for x in (row.note, f"taking turns failed: {type(exc).__name__}: "
+                                                          f"{str(exc)[:120]}") if x)
+            continue
+        lo, hi = paired["spread"]
+        row.extra[TAKING_TURNS] = paired["speedup"]
+        row.extra[TAKING_TURNS + " (steps, range)"] = f"{paired['steps']}, {lo:.2f}-{hi:.2f}"
+
+
 def variants_for(device: torch.device, quick: bool) -> list[tuple[Variant, str]]:
     """(variant, why not run or '') in report order."""
     out = []
@@ -610,19 +641,7 @@ def run(device: torch.device, quick: bool, progress: Callable[[str], None] = pri
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        equal = next((r for r in rows if r.case == case.label and r.impl == EQUAL_WORK and r.ms), None)
-        if equal is not None and time_left() > 0 and \
-                any(r.case == case.label and r.impl == BASELINE and r.ms for r in rows):
-            progress(f"step | {case.label} | the baseline and ours, taking turns")
-            try:
-                paired = bench.paired_speedup(variant(BASELINE), variant(EQUAL_WORK))
-            except Exception as exc:
-                equal.note = "; ".join(x for x in (equal.note, f"taking turns failed: {type(exc).__name__}: "
-                                                              f"{str(exc)[:120]}") if x)
-            else:
-                lo, hi = paired["spread"]
-                equal.extra[TAKING_TURNS] = paired["speedup"]
-                equal.extra[TAKING_TURNS + " (steps, range)"] = f"{paired['steps']}, {lo:.2f}-{hi:.2f}"
+        take_turns(bench, [r for r in rows if r.case == case.label], progress)
         del bench
         gc.collect()
         if device.type == "cuda":
