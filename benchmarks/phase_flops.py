@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from iwm_kernels import _native
+
 from . import flops as F
 
 aten = torch.ops.aten
@@ -44,19 +46,39 @@ def _addmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
-# torch's counter has no formula for CPU SDPA's flash kernel, nor for the in-place addmm_ that
-# `iwm_kernels.rows.residual_linear` accumulates into the residual with.
-CUSTOM = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_fwd,
-          aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_bwd,
-          aten.addmm_: _addmm_inplace}
-# The ops that are attention products: fused SDPA kernels, and the hand-written / math path's bmm.
+def _varlen_sdpa_fwd(q_shape, k_shape, v_shape, lengths, *args, out_shape=None, **kwargs) -> int:
+    _, h, d = q_shape
+    return 4 * h * d * sum(n * n for n in lengths)
+
+
+def _varlen_sdpa_bwd(grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, lengths, *args,
+                     out_shape=None, **kwargs) -> int:
+    _, h, d = q_shape
+    return 8 * h * d * sum(n * n for n in lengths)
+
+
+def _custom() -> dict:
+    """torch's counter has no formula for CPU SDPA's flash kernel, nor for the in-place addmm_ that
+    `iwm_kernels.rows.residual_linear` accumulates into the residual with, nor for the C++ extension's
+    varlen_sdpa (its flash calls run inside the op, where the counter does not see them)."""
+    out = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_fwd,
+           aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_bwd,
+           aten.addmm_: _addmm_inplace}
+    if _native.status().available:
+        ops = _native.ops()
+        out.update({ops.varlen_sdpa_fwd: _varlen_sdpa_fwd, ops.varlen_sdpa_bwd: _varlen_sdpa_bwd})
+    return out
+
+
+# The ops that are attention products: fused SDPA kernels, the C++ extension's varlen_sdpa, and the
+# hand-written / math path's bmm.
 ATTENTION_OPS = {"aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_flash_attention",
                  "aten._scaled_dot_product_efficient_attention", "aten._scaled_dot_product_cudnn_attention",
-                 "aten.bmm", "aten.baddbmm"}
+                 "iwm_native.varlen_sdpa_fwd", "aten.bmm", "aten.baddbmm"}
 
 
 def counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping=dict(CUSTOM))
+    return FlopCounterMode(display=False, custom_mapping=_custom())
 
 
 @dataclass(frozen=True)

@@ -45,12 +45,12 @@ def test_per_sequence_equals_reference_and_padded(seed, shared, with_segments, m
     T, scale = int(cu[-1]), 0.3
     attach_lengths(cu, lengths, segments if with_segments else None)
     layout = prepare(cu, seg, T, max(lengths), check_values=False)
-    assert layout.host_lengths == tuple(lengths) and native.uses_per_sequence(layout, torch.empty(0))
+    assert layout.host_lengths == tuple(lengths) and native.uses_per_sequence(layout, torch.empty(0, dtype=torch.float64))
     assert (layout.host_segments is not None) == with_segments
     ours = _run(lambda q, k, v: native.varlen_attention(q, k, v, layout, scale), T)
     ref = _run(lambda q, k, v: reference.varlen_attention(q, k, v, cu, seg, scale), T)
     padded_layout = prepare(cu.clone(), seg, T, max(lengths), check_values=False)  # no lengths attached
-    assert padded_layout.host_lengths is None and not native.uses_per_sequence(padded_layout, torch.empty(0))
+    assert padded_layout.host_lengths is None and not native.uses_per_sequence(padded_layout, torch.empty(0, dtype=torch.float64))
     padded = _run(lambda q, k, v: native.varlen_attention(q, k, v, padded_layout, scale), T)
     for a, b, c in zip(ours, ref, padded):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -112,7 +112,7 @@ def test_plain_varlen_runs_per_sequence_only_where_the_padding_saved_pays_for_th
         attach_lengths(cu, lengths)
         return prepare(cu, None, sum(lengths), max(lengths), check_values=False)
 
-    q = torch.empty(0, 3, 8)  # 3 heads
+    q = torch.empty(0, 3, 8, dtype=torch.float64)  # 3 heads; float64: the Python loop (no varlen_sdpa)
     short = layout([10 + i % 11 for i in range(64)])          # 64 sequences of 10-20 tokens
     long = layout([100 + (37 * i) % 150 for i in range(16)])  # 16 sequences of 100-249 tokens
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)

@@ -1,30 +1,39 @@
 """Native varlen attention: pure PyTorch over `F.scaled_dot_product_attention`, which on the CPU is
-ATen's fused flash-attention kernel (blocked, OpenMP-parallel, fp32 accumulation, fused backward).
+ATen's fused flash-attention kernel (blocked, OpenMP-parallel, fp32 accumulation, fused backward), and
+for ragged plain layouts the C++ extension's `varlen_sdpa` over the same kernel.
 
 How a layout runs (first that applies):
 - equal lengths, no segments (I-JEPA's truncated masks): one call on views of the packed rows;
 - lengths known on the host (`Layout.host_lengths`: the model passes a sampler's `MaskBatch.host_sizes`
   as the op's `host_lengths`, a caller may `layout.attach_lengths` Python ints, or a checked layout read
-  them), on the CPU, at most LOOP_MAX_SEQS
-  sequences, and (plain varlen) enough padding saved per call to pay for the calls (LOOP_MIN_SAVED_PAIRS):
-  no padding. Plain varlen: one call per run of consecutive equal-length sequences (the
-  repeated predictor's M blocks of a sample share one), on views. Segments with known segment lengths:
-  on the shared layout of truncated masks (every sequence [context | M equal blocks]) two batched calls,
-  the contexts over themselves and every block over [its context, itself]; otherwise per sequence, the
-  context, then each block over [context, block]. Only the visible pairs are computed;
+  them), on the CPU: no padding.
+  - Plain varlen, float32 / bfloat16, no dropout, the extension built (`_runs_in_native`), and enough
+    padding saved per run (NATIVE_MIN_SAVED_PAIRS): `varlen_sdpa` (csrc/varlen_sdpa.cpp) runs the flash
+    kernel once per run of consecutive equal-length sequences (the repeated predictor's M blocks of a
+    sample share one), the runs spread over the threads in one parallel region, each call on one
+    thread: every thread busy, no Python per call. The same kernel on the same rows as SDPA per
+    sequence, so the same numbers.
+  - Otherwise at most LOOP_MAX_SEQS sequences, from Python. Plain varlen (enough padding saved per call,
+    LOOP_MIN_SAVED_PAIRS): one SDPA call per run, on views. Segments with known segment lengths: on the
+    shared layout of truncated masks (every sequence [context | M equal blocks]) two batched calls, the
+    contexts over themselves and every block over [its context, itself]; otherwise per sequence, the
+    context, then each block over [context, block]. Only the visible pairs are computed;
 - otherwise: the sequences padded to [num_seqs, longest] and one call with a boolean mask (padded rows
   and masked pairs are computed and thrown away).
 
 Measured on the 2-core development machine, one thread (CPU time, forward+backward, I-JEPA's ViT-Ti/16
-masks, B=32): the context encoder's 32 ragged sequences (66-122 tokens, 3 heads of 64) 17 ms per layer
-against 27 ms padded; the repeated predictor's 128 (102-158, 3 heads of 32) 67 ms against 109 ms; the
-shared predictor on truncated masks 27 ms against 37 ms padded and 32 ms per sequence with a mask.
+masks, B=32), the Python loop: the context encoder's 32 ragged sequences (66-122 tokens, 3 heads of 64)
+17 ms per layer against 27 ms padded; the repeated predictor's 128 (102-158, 3 heads of 32) 67 ms
+against 109 ms; the shared predictor on truncated masks 27 ms against 37 ms padded and 32 ms per
+sequence with a mask. At two threads the loop's calls (3 heads: 3 work items each) left a thread idle:
+it ran 1.3-1.5x faster than at one; `varlen_sdpa` runs those contexts in 7.6 ms against the loop's 11.9
+(and 13.8 padded), and made the whole ragged training step 1.10x (ViT-Ti/16) and 1.12x (`tiny`) faster.
 Bucketing by length (2-8 padded calls) was no faster than one padded call: the pad copies dominate.
-Caveat: each call opens an OpenMP parallel region, and on cores busy with other processes a region
-waits for a descheduled thread; there the many small calls lose to the one padded call.
+Caveat: each Python call opens an OpenMP parallel region, and on cores busy with other processes a
+region waits for a descheduled thread; there the many small calls lose to the one padded call.
 On CUDA the padded call runs (the Triton kernels are the fast path there). The forward is
-differentiable through autograd (eager use); the explicit backward below serves the custom op under
-torch.compile, where autograd cannot record.
+differentiable through autograd (eager use; `varlen_sdpa` through its own autograd Function, once);
+the explicit backward below serves the custom op under torch.compile, where autograd cannot record.
 """
 from __future__ import annotations
 
@@ -32,7 +41,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from .. import _native
 from ..rows import gather_rows
 from .layout import Layout
 
@@ -47,6 +58,13 @@ LOOP_MAX_SEQS = 512
 # `tiny` preset's 30-60-token contexts lose 1.5x per call at two threads; its repeated predictor's
 # runs of four blocks gain 1.25x; I-JEPA ViT-Ti/16's are level at two threads and gain 1.5x at one).
 LOOP_MIN_SAVED_PAIRS = 4096
+# The C++ extension's varlen_sdpa has no Python per call and keeps every thread busy, so it wins wherever
+# a run saves more than a few padded pairs; its fixed cost per call (the flash kernel's buffers) still
+# loses to one padded call on many very short sequences (64 of 10-20 tokens: 1.5 ms against 1.0).
+# Measured at two threads, forward + backward: I-JEPA ViT-Ti/16's ragged contexts (32 of 66-122
+# tokens, 3 heads of 64) 7.6 ms against 13.8 padded; `tiny`'s contexts (30-60) and repeated predictor
+# (32 runs of 4 x 60-80, 3 heads of 32) level with padded.
+NATIVE_MIN_SAVED_PAIRS = 2048
 
 
 def _padded_rows(layout: Layout) -> torch.Tensor:
@@ -108,16 +126,47 @@ def _per_sequence_masks(layout: Layout) -> list:
     return layout._get("per_sequence_masks", make)
 
 
-def uses_per_sequence(layout: Layout, q: torch.Tensor) -> bool:
+def _runs_in_native(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether plain varlen attention with known lengths runs in the C++ extension's varlen_sdpa (every
+    run of equal-length sequences one flash call, the runs spread over the threads): CPU float32 /
+    bfloat16 rows with a unit head-dim stride, no dropout, eager (torch.compile traces the Python loop)."""
+    return (dropout_p == 0.0 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+            and q.stride(-1) == 1 and not torch.compiler.is_compiling() and _native.status().available)
+
+
+class _VarlenSDPA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lengths, scale):
+        out, lse = _native.ops().varlen_sdpa_fwd(q, k, v, lengths, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.lengths, ctx.scale = lengths, scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        dq, dk, dv = _native.ops().varlen_sdpa_bwd(grad, q, k, v, out, lse, ctx.lengths, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def uses_per_sequence(layout: Layout, q: torch.Tensor, dropout_p: float = 0.0) -> bool:
     """Whether `varlen_attention` runs one call per sequence for this layout (see the module docstring)."""
-    if layout.host_lengths is None or q.device.type != "cpu" or layout.num_seqs > LOOP_MAX_SEQS:
+    if layout.host_lengths is None or q.device.type != "cpu":
+        return False
+    native_runs = layout.segment_ids is None and _runs_in_native(q, dropout_p)
+    if layout.num_seqs > LOOP_MAX_SEQS and not native_runs:
         return False
     if layout.segment_ids is not None:
         return True  # segments: the per-sequence paths skip the masked pairs too, not only the padding
     heads = q.shape[1] if q.dim() == 3 else 1
     saved = heads * layout._get("padded_pairs_saved", lambda: layout.num_seqs * layout.longest ** 2
                                 - sum(n * n for n in layout.host_lengths))
-    return saved >= LOOP_MIN_SAVED_PAIRS * torch.get_num_threads() ** 2 * len(_equal_length_runs(layout))
+    runs = len(_equal_length_runs(layout))
+    if native_runs:
+        return saved >= NATIVE_MIN_SAVED_PAIRS * runs
+    return saved >= LOOP_MIN_SAVED_PAIRS * torch.get_num_threads() ** 2 * runs
 
 
 def _sdpa_rows(q, k, v, scale: float, dropout_p: float, mask=None) -> torch.Tensor:
@@ -202,6 +251,8 @@ def _attention_per_sequence(q, k, v, layout: Layout, scale: float, dropout_p: fl
             if n:
                 outs.append(_sdpa_rows(qs, ks, vs, scale, dropout_p, m))
         return torch.cat(outs)
+    if _runs_in_native(q, dropout_p) and k.stride(-1) == 1 and v.stride(-1) == 1:
+        return _VarlenSDPA.apply(q, k, v, list(layout.host_lengths), float(scale))
     runs = _equal_length_runs(layout)
     sizes = [r * n for r, n in runs]
     outs = []
@@ -229,7 +280,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         qp, kp, vp = (x.view(S, L, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
         out = F.scaled_dot_product_attention(qp, kp, vp, dropout_p=dropout_p, scale=scale)
         return out.transpose(1, 2).reshape(q.shape)
-    if uses_per_sequence(layout, q):
+    if uses_per_sequence(layout, q, dropout_p):
         return _attention_per_sequence(q, k, v, layout, scale, dropout_p)
     qp, kp, vp = _pad(q, layout), _pad(k, layout), _pad(v, layout)
     out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask(layout), dropout_p=dropout_p, scale=scale)
