@@ -237,3 +237,31 @@ def test_sigterm_during_python_m_iwm_eval_keeps_finished_tasks(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     merged = json.loads((tmp_path / "eval-step1.json").read_text())
     assert merged["mrr"] == saved["mrr"] and "predictor_top1" in merged  # added to, not overwritten
+
+
+@pytest.mark.parametrize("decode,used", [("pil", "pil"), ("fast", "fast"), ("gpu", "draft")])
+def test_probe_sets_decode_as_the_run_does(tmp_path, monkeypatch, decode, used):
+    """An ImageFolder probe decodes with the run's data.decode (gpu, whose samples carry only bytes,
+    decodes with draft on the host)."""
+    from PIL import Image
+
+    from iwm import data as data_module
+    from iwm.eval.runner import probe_sets
+
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (40, 30), (10, 200, 30) if cls == "a" else (200, 10, 30)).save(
+                tmp_path / split / cls / "x.jpg")
+    seen = []
+    real = data_module.ImageFolderDataset
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("decode"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(data_module, "ImageFolderDataset", spy)
+    cfg = load_config(None, ["data.dataset=imagefolder", f"data.root_path={tmp_path}", "data.image_folder=train",
+                             "data.val_folder=val", f"data.decode={decode}"])
+    tr_x, tr_y, va_x, va_y = probe_sets(cfg, 16)
+    assert seen == [used, used]
+    assert tr_x.shape == (2, 3, 16, 16) and tr_x.float().std() > 0 and sorted(va_y.tolist()) == [0, 1]

@@ -41,7 +41,8 @@ def probe_sets(cfg: Config, size: int, seed: int = 0):
     """(train_images, train_labels, val_images, val_labels), uint8 [n, 3, size, size].
 
     builtin: label = source photograph; train crops from each photograph's training region, val crops
-    from its held-out strip. imagefolder: data.image_folder (train) and data.val_folder, centre crops.
+    from its held-out strip. imagefolder: data.image_folder (train) and data.val_folder, centre crops,
+    decoded as data.decode says (gpu: draft, since the crops are stacked on the host).
     """
     from ..data import BuiltinPhotos, ImageFolderDataset
 
@@ -54,8 +55,11 @@ def probe_sets(cfg: Config, size: int, seed: int = 0):
     root = Path(d.root_path) if d.root_path else Path(".")
     if not d.val_folder:
         raise ValueError("data.val_folder: the linear probe on an ImageFolder dataset needs a labelled val split")
-    train = ImageFolderDataset(root / d.image_folder, size, random_crops=False)
-    val = ImageFolderDataset(root / d.val_folder, size, random_crops=False)
+    # The training run's decode path (data.decode), except gpu: these crops are stacked here on the host,
+    # where a gpu-mode sample carries only its bytes; draft decodes those on the CPU instead.
+    decode = "draft" if d.decode == "gpu" else d.decode
+    train = ImageFolderDataset(root / d.image_folder, size, random_crops=False, decode=decode)
+    val = ImageFolderDataset(root / d.val_folder, size, random_crops=False, decode=decode)
     gen = torch.Generator().manual_seed(seed)
     tr = torch.randperm(len(train), generator=gen)[:min(len(train), 20000)].tolist()
     va = torch.randperm(len(val), generator=gen)[:min(len(val), 5000)].tolist()
