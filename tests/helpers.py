@@ -109,6 +109,11 @@ def assert_trained_close(a: torch.Tensor, b: torch.Tensor, name: str, *, lr: flo
     scale = float(b.abs().max())
     diff = (a.float() - b.float()).abs()
     loose = diff > rel * scale + 1e-7 + rel * b.float().abs()
+    if name.endswith("attn.qkv.bias"):
+        # The key bias (qkv's middle third): softmax is invariant to it, so its exact gradient is zero and
+        # every AdamW update of it is rounding noise made up to lr: only the lr * steps bound below holds.
+        third = b.numel() // 3
+        loose[third:2 * third] = False
     assert float(loose.float().mean()) <= 0.01, (name, int(loose.sum()), diff.numel())
     assert float(diff.max()) <= lr * steps, (name, float(diff.max()))
 
