@@ -4,8 +4,7 @@
 // Why: the packed sequences of a ragged batch (I-JEPA's masks without truncation) are short (50-250
 // tokens, 3-12 heads), and one flash call per sequence from Python leaves the threads idle: a call has
 // heads x query-blocks work items (3 for a ViT-Ti sequence), so two threads get 2 and 1, and each call
-// pays Python, dispatch, split and cat. Measured on the 2-core development machine, the loop ran 1.3-1.5x
-// faster on two threads than on one. Here each thread takes whole runs, assigned longest-first to the
+// pays Python, dispatch, split and cat. Here each thread takes whole runs, assigned longest-first to the
 // least loaded thread by their cost (sequences x length^2), and inside a parallel region ATen's own
 // parallel_for runs inline, so each call is single-threaded and its buffers are its own.
 //

@@ -25,9 +25,10 @@ Measured on the 2-core development machine, one thread (CPU time, forward+backwa
 masks, B=32), the Python loop: the context encoder's 32 ragged sequences (66-122 tokens, 3 heads of 64)
 17 ms per layer against 27 ms padded; the repeated predictor's 128 (102-158, 3 heads of 32) 67 ms
 against 109 ms; the shared predictor on truncated masks 27 ms against 37 ms padded and 32 ms per
-sequence with a mask. At two threads the loop's calls (3 heads: 3 work items each) left a thread idle:
-it ran 1.3-1.5x faster than at one; `varlen_sdpa` runs those contexts in 7.6 ms against the loop's 11.9
-(and 13.8 padded), and made the whole ragged training step 1.10x (ViT-Ti/16) and 1.12x (`tiny`) faster.
+sequence with a mask. At two threads the loop's calls (3 heads: 3 work items each) leave a thread idle;
+`varlen_sdpa` keeps both busy. In the benchmark reports (`python -m benchmarks.report --device cpu`) the
+attention suite's ragged pred384 case went from level with padded SDPA (0.86-1.02x in the reports up to
+2026-12-02-cpu-b, the loop) to 1.27x (2026-12-02-cpu-c), and the ragged-mask ViT-Ti/16 training step from 0.94x to 1.09x the I-JEPA baseline.
 Bucketing by length (2-8 padded calls) was no faster than one padded call: the pad copies dominate.
 Caveat: each Python call opens an OpenMP parallel region, and on cores busy with other processes a
 region waits for a descheduled thread; there the many small calls lose to the one padded call.
@@ -60,10 +61,7 @@ LOOP_MAX_SEQS = 512
 LOOP_MIN_SAVED_PAIRS = 4096
 # The C++ extension's varlen_sdpa has no Python per call and keeps every thread busy, so it wins wherever
 # a run saves more than a few padded pairs; its fixed cost per call (the flash kernel's buffers) still
-# loses to one padded call on many very short sequences (64 of 10-20 tokens: 1.5 ms against 1.0).
-# Measured at two threads, forward + backward: I-JEPA ViT-Ti/16's ragged contexts (32 of 66-122
-# tokens, 3 heads of 64) 7.6 ms against 13.8 padded; `tiny`'s contexts (30-60) and repeated predictor
-# (32 runs of 4 x 60-80, 3 heads of 32) level with padded.
+# loses to one padded call on many very short sequences (tens of 10-20-token sequences).
 NATIVE_MIN_SAVED_PAIRS = 2048
 
 
@@ -129,9 +127,9 @@ def _per_sequence_masks(layout: Layout) -> list:
 def _runs_in_native(q: torch.Tensor, dropout_p: float) -> bool:
     """Whether plain varlen attention with known lengths runs in the C++ extension's varlen_sdpa (every
     run of equal-length sequences one flash call, the runs spread over the threads): CPU float32 /
-    bfloat16 rows with a unit head-dim stride, no dropout, eager (torch.compile traces the Python loop)."""
+    bfloat16, no dropout, eager (torch.compile traces the Python loop)."""
     return (dropout_p == 0.0 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
-            and q.stride(-1) == 1 and not torch.compiler.is_compiling() and _native.status().available)
+            and not torch.compiler.is_compiling() and _native.status().available)
 
 
 class _VarlenSDPA(torch.autograd.Function):
@@ -251,7 +249,9 @@ def _attention_per_sequence(q, k, v, layout: Layout, scale: float, dropout_p: fl
             if n:
                 outs.append(_sdpa_rows(qs, ks, vs, scale, dropout_p, m))
         return torch.cat(outs)
-    if _runs_in_native(q, dropout_p) and k.stride(-1) == 1 and v.stride(-1) == 1:
+    if _runs_in_native(q, dropout_p):
+        # the op reads rows with a unit head-dim stride (the qkv projection's views have it)
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         return _VarlenSDPA.apply(q, k, v, list(layout.host_lengths), float(scale))
     runs = _equal_length_runs(layout)
     sizes = [r * n for r, n in runs]
