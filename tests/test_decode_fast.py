@@ -33,6 +33,15 @@ def folder(tmp_path, seed):
     return tmp_path
 
 
+def close_to_the_full_decode(image, pil, draft):
+    """The closeness check: near Pillow's full decode (another decoder and resize), and within a level of
+    draft's (the same decoder, another resize). PSNR alone cannot see a wrong crop of a smooth photograph
+    (a crop shifted by a quarter of its width scored up to 35 dB over 300 seeds); the mean error against
+    draft can: at most 0.26 levels for the right crop, at least 3.3 for the shifted or unflipped ones."""
+    return (psnr(image, pil) >= 30 and float((image.float() - pil.float()).abs().mean()) <= 6
+            and float((image.float() - draft.float()).abs().mean()) <= 1.5)
+
+
 def test_fast_takes_the_full_decodes_crop_and_stays_close(folder, seed):
     ref = ImageFolderDataset(folder, SIZE, seed=seed, decode="pil")
     draft = ImageFolderDataset(folder, SIZE, seed=seed, decode="draft")
@@ -42,21 +51,25 @@ def test_fast_takes_the_full_decodes_crop_and_stays_close(folder, seed):
             a, r, d = fast[(step, i)], ref[(step, i)], draft[(step, i)]
             assert a.box == r.box and a.flip == r.flip and a.label == r.label
             assert a.image.shape == (3, SIZE, SIZE) and a.image.dtype == torch.uint8 and a.image.is_contiguous()
-            assert psnr(a.image, r.image) >= 30 and float((a.image.float() - r.image.float()).abs().mean()) <= 6
-            assert float((a.image.float() - d.image.float()).abs().mean()) <= 1.5  # draft's decode, other resize
+            assert close_to_the_full_decode(a.image, r.image, d.image)
 
 
 def test_a_shifted_or_unflipped_crop_would_fail_the_closeness_check(folder, seed):
     ref = ImageFolderDataset(folder, SIZE, seed=seed, decode="pil")
-    s = ref[(0, 0)]
-    with Image.open(ref.files[0][0]) as im:
-        data = ref.files[0][0].read_bytes()
+    draft = ImageFolderDataset(folder, SIZE, seed=seed, decode="draft")
+    for i in range(len(ref)):
+        s, d = ref[(0, i)], draft[(0, i)]
+        data = ref.files[i][0].read_bytes()
         top, left, h, w = s.box
-        wrong = image_decode.decode_crop_fast(im, data, (top, left + w // 4 + 8, h, w - w // 4 - 8), SIZE, s.flip)
-    assert psnr(wrong, s.image) < 30
-    with Image.open(io.BytesIO(data)) as im:
-        unflipped = image_decode.decode_crop_fast(im, data, s.box, SIZE, not s.flip)
-    assert psnr(unflipped, s.image) < 30
+        with Image.open(io.BytesIO(data)) as im:
+            shifted = image_decode.decode_crop_fast(im, data, (top, left + w // 4 + 8, h, w - w // 4 - 8), SIZE, s.flip)
+        with Image.open(io.BytesIO(data)) as im:
+            unflipped = image_decode.decode_crop_fast(im, data, s.box, SIZE, not s.flip)
+        with Image.open(io.BytesIO(data)) as im:
+            right = image_decode.decode_crop_fast(im, data, s.box, SIZE, s.flip)
+        assert close_to_the_full_decode(right, s.image, d.image)  # the control's own positive
+        assert not close_to_the_full_decode(shifted, s.image, d.image)
+        assert not close_to_the_full_decode(unflipped, s.image, d.image)
 
 
 def test_the_reused_decode_buffer_never_leaks_into_returned_images(folder, seed):
