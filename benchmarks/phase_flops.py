@@ -24,6 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from iwm_kernels import _native
+from iwm_kernels.gemm import onednn_available
 
 from . import flops as F
 
@@ -46,6 +47,16 @@ def _addmm_inplace(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+def _onednn_linear(x_shape, *args, out_shape=None, **kwargs) -> int:
+    """torch.ops.mkldnn._linear_pointwise: (x, w, ...) or, the binary overload, (x, other, w, b, attr);
+    x [..., K] (a transposed view in the weight gradient), w [N, K]."""
+    w_shape = args[1] if len(args) == 4 and isinstance(args[3], str) else args[0]
+    rows = 1
+    for n in x_shape[:-1]:
+        rows *= n
+    return 2 * rows * x_shape[-1] * w_shape[0]
+
+
 def _varlen_sdpa_fwd(q_shape, k_shape, v_shape, lengths, *args, out_shape=None, **kwargs) -> int:
     _, h, d = q_shape
     return 4 * h * d * sum(n * n for n in lengths)
@@ -59,11 +70,14 @@ def _varlen_sdpa_bwd(grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shap
 
 def _custom() -> dict:
     """torch's counter has no formula for CPU SDPA's flash kernel, nor for the in-place addmm_ that
-    `iwm_kernels.rows.residual_linear` accumulates into the residual with, nor for the C++ extension's
-    varlen_sdpa (its flash calls run inside the op, where the counter does not see them)."""
+    `iwm_kernels.linear.residual_addmm` accumulates into the residual with, nor for oneDNN's linear
+    (`iwm_kernels.linear`'s fp32 CPU products), nor for the C++ extension's varlen_sdpa (its flash calls
+    run inside the op, where the counter does not see them)."""
     out = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_fwd,
            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_bwd,
            aten.addmm_: _addmm_inplace}
+    if onednn_available():
+        out[torch.ops.mkldnn._linear_pointwise] = _onednn_linear
     if _native.status().available:
         ops = _native.ops()
         out.update({ops.varlen_sdpa_fwd: _varlen_sdpa_fwd, ops.varlen_sdpa_bwd: _varlen_sdpa_bwd})

@@ -9,6 +9,8 @@ Ops (each with reference, triton and native backends; `available_backends()` say
                         shared-context segments (VarlenSelfAttention, pack_predictor_sequences build on it)
   photometric           colour jitter, grayscale, blur, solarise and normalisation of an image batch, fused
   photometric_two_view  the same for two views at once, from one read of the images
+  linear, Linear        x @ W^T + b (+ a residual, added in the product), fp32 CPU products on oneDNN
+                        (not a backend choice: F.linear under the reference backend, on CUDA, elsewhere)
 """
 from ._availability import Availability
 from ._backend import BackendUnavailable, available_backends, use_backend
@@ -17,6 +19,7 @@ from .attention import (PackedPredictorInput, VarlenSelfAttention, pack_predicto
                         varlen_attention)
 from .ema import ema_update_
 from .gather import apply_masks, gather_tokens
+from .gemm import Linear, linear
 from .photometric import photometric, photometric_two_view
 
 __version__ = "0.1.0"
@@ -24,4 +27,4 @@ __version__ = "0.1.0"
 __all__ = ["BACKENDS", "Availability", "BackendUnavailable", "available_backends", "not_supported_reasons",
            "use_backend", "ema_update_", "gather_tokens", "apply_masks",
            "varlen_attention", "VarlenSelfAttention", "pack_predictor_sequences", "unpack_targets",
-           "PackedPredictorInput", "photometric", "photometric_two_view", "__version__"]
+           "PackedPredictorInput", "photometric", "photometric_two_view", "linear", "Linear", "__version__"]

@@ -97,6 +97,19 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _scoped_backend.reset(token)
 
 
+def applies_backend(forward):
+    """For a module's forward(..., *, backend=None, ...): a backend given to the call also holds, as a
+    use_backend block, for what inside it takes no backend argument (`iwm_kernels.linear`). Inside a
+    torch.compile trace the call runs as it is (a trace keeps the block entered outside it)."""
+    @functools.wraps(forward)
+    def wrapper(*args, backend: Optional[str] = None, **kwargs):
+        if backend is None or torch.compiler.is_compiling():
+            return forward(*args, backend=backend, **kwargs)
+        with use_backend(backend):
+            return forward(*args, backend=backend, **kwargs)
+    return wrapper
+
+
 @torch.compiler.assume_constant_result
 def _scoped_choice_while_tracing() -> str:
     # Dynamo does not trace ContextVar reads: it runs this eagerly and keeps the answer as a constant.

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: backend lists, dtype tolerance tables and the host-read probe."""
+"""Helpers shared by the tests: backend lists, dtype tolerance tables, the host-read probe and an op-name recorder."""
 import collections
 import traceback
 from pathlib import Path
@@ -135,3 +135,18 @@ def start_two_ranks(cmd: list, cwd, **popen) -> list:
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen))
     return procs
 
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every op dispatched inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def onednn(self) -> bool:
+        return any("mkldnn._linear_pointwise" in n for n in self.names)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import iwm_kernels
+from iwm_kernels._backend import applies_backend
 
 from .predictor import VisionTransformerPredictor
 from .presets import ModelPreset, build_models, get_preset
@@ -95,6 +96,7 @@ class IWM(nn.Module):
                                          eps=1e-5, backend=backend,
                                          check_values=not getattr(masks, "validated", False))
 
+    @applies_backend
     def forward(self, source: torch.Tensor, target: torch.Tensor, masks, action: Optional[torch.Tensor] = None,
                 *, backend: Optional[str] = None) -> tuple[torch.Tensor, dict]:
         """Loss and statistics for one batch.

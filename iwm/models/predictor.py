@@ -29,11 +29,12 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import iwm_kernels
+from iwm_kernels._backend import applies_backend
 from iwm_kernels import pack_predictor_sequences, unpack_targets
+from iwm_kernels.gemm import Linear, linear
 
 from .pos_embed import sincos_2d
 from .vit import Block, init_vit_weights, rescale_blocks
@@ -60,18 +61,18 @@ class ActionMLP(nn.Module):
         super().__init__()
         hidden = hidden or dim
         self.dim, self.action_dim = dim, action_dim
-        self.fc1 = nn.Linear(dim + action_dim, hidden)
+        self.fc1 = Linear(dim + action_dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.fc3 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, hidden)
+        self.fc3 = Linear(hidden, dim)
 
     def position_part(self, tokens: torch.Tensor) -> torch.Tensor:
         """fc1's token half, no bias: [..., dim] -> [..., hidden]."""
-        return F.linear(tokens, self.fc1.weight[:, :self.dim])
+        return linear(tokens, self.fc1.weight[:, :self.dim])
 
     def sample_part(self, action: torch.Tensor) -> torch.Tensor:
         """fc1's action half plus fc1's bias: [B, action_dim] -> [B, hidden]."""
-        return F.linear(action, self.fc1.weight[:, self.dim:], self.fc1.bias)
+        return linear(action, self.fc1.weight[:, self.dim:], self.fc1.bias)
 
     def finish(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.fc3(self.act(self.fc2(self.act(hidden))))
@@ -93,13 +94,13 @@ class VisionTransformerPredictor(nn.Module):
             raise ValueError(f"predictor_embed_dim: {predictor_embed_dim} is not divisible by num_heads {num_heads}")
         self.num_patches, self.embed_dim, self.dim = num_patches, embed_dim, predictor_embed_dim
         self.conditioning, self.action_dim, self.shared_context = conditioning, action_dim, shared_context
-        self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim)
+        self.predictor_embed = Linear(embed_dim, predictor_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))
         self.predictor_pos_embed = nn.Parameter(sincos_2d(predictor_embed_dim, grid)[None], requires_grad=False)
         self.predictor_blocks = nn.ModuleList(
             [Block(predictor_embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth)])
         self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=1e-6)
-        self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
+        self.predictor_proj = Linear(predictor_embed_dim, embed_dim)
         if conditioning == "feature":
             self.action_mlp = ActionMLP(predictor_embed_dim, action_dim)
         elif conditioning == "sequence":
@@ -143,6 +144,7 @@ class VisionTransformerPredictor(nn.Module):
                                          backend=backend, check_values=check_values)
 
     # -- packed ragged path ---------------------------------------------------------------------------
+    @applies_backend
     def forward(self, context: torch.Tensor, masks_x=None, masks=None, *, action: Optional[torch.Tensor] = None,
                 shared_context: Optional[bool] = None, backend: Optional[str] = None) -> torch.Tensor:
         """Predict target latents.

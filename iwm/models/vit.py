@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 import iwm_kernels
+from iwm_kernels._backend import applies_backend
 from iwm_kernels import VarlenSelfAttention
+from iwm_kernels.gemm import Linear
 from iwm_kernels.rows import gather_rows, residual_linear
 
 from .pos_embed import sincos_2d
@@ -43,9 +45,9 @@ ENCODERS = {
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
+        self.fc1 = Linear(dim, hidden)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """fc2(gelu(fc1(x))), plus `residual` (fused into fc2's matmul) if given."""
@@ -152,6 +154,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"images: expected {self.img_size}x{self.img_size} pixels, got "
                              f"{tuple(images.shape[-2:])}")
 
+    @applies_backend
     def forward(self, images: torch.Tensor, masks=None, *, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, backend: Optional[str] = None,
                 check_values: bool = True, seq_lengths: Optional[Sequence[int] | torch.Tensor] = None) -> torch.Tensor:
