@@ -30,9 +30,9 @@ import torch
 from .common import TAKING_TURNS, Ceilings, Row, device_name, environment, measure_ceilings, set_deadline
 
 # Suites in report order; a suite module exposes run(device, quick, progress) -> list[Row].
-SUITES = ["ema", "gather", "attention", "augment", "step", "data"]
+SUITES = ["ema", "gather", "attention", "linear", "augment", "step", "data"]
 # Share of a --time-budget each suite gets (of what is left when it starts, against the suites after it).
-WEIGHTS = {"ema": 1.0, "gather": 1.0, "attention": 1.5, "augment": 1.0, "step": 4.0, "data": 1.0}
+WEIGHTS = {"ema": 1.0, "gather": 1.0, "attention": 1.5, "linear": 0.5, "augment": 1.0, "step": 4.0, "data": 1.0}
 AUGMENT = "views"  # the step breakdown's phase for the two views (iwm.step's phase names) (shown as a share of the step)
 
 
@@ -213,7 +213,7 @@ def markdown(rows: list[Row], env: dict, ceilings: Ceilings, elapsed_s: float, c
              f"- torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, iwm {env['iwm']}"
              + (f" (git {env['git_commit']})" if env.get("git_commit") else ""),
              f"- ceilings measured in this run: copy {ceilings.copy_gbps:.1f} GB/s, "
-             f"{ceilings.matmul_dtype} matmul {ceilings.matmul_tflops:.2f} TFLOP/s",
+             f"{ceilings.matmul_dtype} matmul {ceilings.matmul_tflops:.2f} TFLOP/s ({ceilings.matmul_engine})",
              f"- wall time {elapsed_s:.0f} s", ""]
     top = headline_markdown(headline(rows, ceilings))
     if top:
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
 
     progress(f"device: {device_name(device)}; measuring ceilings")
     ceilings = measure_ceilings(device, args.quick)
-    progress(f"copy {ceilings.copy_gbps:.1f} GB/s, matmul {ceilings.matmul_tflops:.2f} TFLOP/s ({ceilings.matmul_dtype})")
+    progress(f"copy {ceilings.copy_gbps:.1f} GB/s, matmul {ceilings.matmul_tflops:.2f} TFLOP/s ({ceilings.matmul_dtype}, {ceilings.matmul_engine})")
     env = environment(device)
     env.update(quick=args.quick, time_budget_s=args.time_budget)
     rows: list[Row] = []

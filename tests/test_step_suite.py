@@ -9,6 +9,8 @@ from benchmarks import common, ijepa_baseline, report
 from benchmarks.suites import step as suite
 from iwm.masks import MultiBlockMaskSampler
 from iwm.models import IWM
+from iwm_kernels.gemm import onednn_available
+from tests.helpers import OpNames as _Ops
 
 CPU = torch.device("cpu")
 TINY = suite.StepCase("tiny", 4, False, warmup=1, iters=2, compile_limit_s=60)
@@ -47,6 +49,26 @@ def test_eager_variants_time_every_phase(bench, variant):
     assert sum(split.values()) == pytest.approx(row.ms, rel=0.5)
     assert row.extra["img/s"] == pytest.approx(TINY.batch / row.ms * 1e3)
     assert row.extra["model GFLOP/step"] == pytest.approx(row.flops / 1e9)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no oneDNN linear")
+def test_the_baseline_runs_torchs_linears_and_ours_onednns(bench):
+    """The baseline is I-JEPA's step as torch runs it by default (F.linear, MKL on the CPU); the oneDNN
+    baseline row and ours route the linears through iwm_kernels.linear."""
+    want = {suite.BASELINE: False, suite.ONEDNN_BASELINE: True, suite.EQUAL_WORK: True,
+            "eager reference kernels (equal work)": False}
+    for name, onednn in want.items():
+        v = suite.variant(name)
+        bench.model.load_state_dict(bench.initial_state)
+        step, cleanup = bench.make_step(v, bench.optimizer_for(v), suite.Marks(CPU))
+        ops = _Ops()
+        try:
+            with ops:
+                step(0)
+        finally:
+            cleanup()
+        assert any("mkldnn._linear_pointwise" in n for n in ops.names) == onednn, name
+        assert any(n in ("aten.addmm", "aten.mm") for n in ops.names) or onednn, name
 
 
 def test_variants_count_their_own_work(bench):

@@ -23,11 +23,15 @@ and every row's loss is smooth-L1 (I-JEPA's; L2 costs the same). What each row h
                               smooth-L1, torch's default AdamW on I-JEPA's four parameter groups, the
                               per-parameter EMA loop; augmentation as the per-transform chain.
   I-JEPA (faithful) + torch.compile   the same with its forward compiled.
+  I-JEPA (faithful) + oneDNN linears  the same with every linear layer on `iwm_kernels.linear` (fp32
+                              products on oneDNN instead of MKL, forward and backward): how much of our
+                              step's lead is the GEMM engine alone. CPU only (on CUDA both are cuBLAS).
   eager reference kernels (equal work)   our step on the baseline's masks and layout with every
                               iwm_kernels op on backend="reference" (what the fused kernels replace).
                               Its attention is a per-sequence loop: on a GPU it measures launch
                               overhead (skipped in --quick there).
-  ours, equal work            our fused step (automatic backends) on exactly the baseline's masks
+  ours, equal work            our fused step (automatic backends; on the CPU the linears on oneDNN,
+                              `iwm_kernels.linear`) on exactly the baseline's masks
                               (MaskBatch.truncated(): the same context and target tokens) and the
                               paper's repeated predictor layout: the same model, the same tokens, the
                               same FLOPs (the suite checks the two losses agree at step 0). The
@@ -90,6 +94,7 @@ from ..ijepa_baseline import IJEPAForward
 SUITE = "step"
 BASELINE = "I-JEPA (faithful, eager)"
 EQUAL_WORK = "ours, equal work"
+ONEDNN_BASELINE = "I-JEPA (faithful) + oneDNN linears"
 # The breakdown's phases: iwm.step's profiler ranges (iwm/<phase>), in step order; the baseline marks
 # the same boundaries around its own code (it has no clip and no device row).
 PHASES = ("views", "masks", "forward", "backward", "clip", "adamw", "ema", "record")
@@ -148,6 +153,7 @@ class Variant:
 VARIANTS = (
     Variant(BASELINE, "ijepa", "truncated", "repeated", "reference", essential=True),
     Variant("I-JEPA (faithful) + torch.compile", "ijepa", "truncated", "repeated", "reference", compiled=True),
+    Variant(ONEDNN_BASELINE, "ijepa", "truncated", "repeated", None),
     Variant("eager reference kernels (equal work)", "ours", "truncated", "repeated", "reference"),
     Variant(EQUAL_WORK, "ours", "truncated", "repeated", None, essential=True),
     Variant(EQUAL_WORK + " + torch.compile", "ours", "truncated", "repeated", None, compiled=True),
@@ -334,10 +340,10 @@ class StepBench:
         action = aug.action_from_params(params).to(device) if model.conditioning != "none" else None
         masks = self.masks_for(variant, 0)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.bf16):
-            if variant.impl == "ijepa":
-                enc, pred = ([m.to(device) for m in ms] for ms in masks)
-                return phase_flops.baseline(IJEPAForward(model), source, target, enc, pred, action)
             with use_backend(variant.backend):
+                if variant.impl == "ijepa":
+                    enc, pred = ([m.to(device) for m in ms] for ms in masks)
+                    return phase_flops.baseline(IJEPAForward(model), source, target, enc, pred, action)
                 return phase_flops.ours(model, source, target, masks.to(device), action)
 
     def optimizer_for(self, variant: Variant) -> torch.optim.Optimizer:
@@ -398,6 +404,10 @@ class StepBench:
         needs_action = model.conditioning != "none"
 
         def step(i: int) -> None:
+            with use_backend(variant.backend):  # the model's linears: torch's own F.linear ("reference")
+                run(i)
+
+        def run(i: int) -> None:
             marks("start")
             images = self.host_images.to(device, non_blocking=True)
             params = aug.sample_view_params(case.batch, self.aug_cfg, aug.generator_for_step(0, i))
@@ -559,8 +569,9 @@ class StepBench:
         out = {}
         try:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.bf16):
-                out["baseline"] = float(IJEPAForward(model)(source, target, [m.to(device) for m in enc],
-                                                            [m.to(device) for m in pred], action))
+                with use_backend(variant(BASELINE).backend):
+                    out["baseline"] = float(IJEPAForward(model)(source, target, [m.to(device) for m in enc],
+                                                                [m.to(device) for m in pred], action))
                 for name, masks in (("equal work", equal), ("ragged", ragged)):
                     for backend in ("reference", None):
                         key = f"{name} ({backend or 'fused'})"
@@ -617,6 +628,8 @@ def variants_for(device: torch.device, quick: bool) -> list[tuple[Variant, str]]
         why = ""
         if v.backend == "reference" and v.impl == "ours" and device.type == "cuda" and quick:
             why = "skipped in --quick on the GPU (per-sequence reference attention: launch-bound, seconds per step)"
+        if v.name == ONEDNN_BASELINE and device.type != "cpu":
+            why = "CPU only: on CUDA every linear is cuBLAS's, the same as the baseline's"
         out.append((v, why))
     return out
 
