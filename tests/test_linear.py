@@ -206,3 +206,47 @@ def test_the_linear_suite_times_both_engines_and_checks_ours(monkeypatch):
     assert bad.ms is None and bad.note.startswith("MISMATCH")
     off = suite.run(torch.device("meta"), quick=True, progress=lambda msg: None)
     assert all(r.ms is None and "CPU only" in r.note for r in off)
+
+
+_CACHE_PROBE = r"""
+import ctypes, sys, torch
+from iwm_kernels import linear
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+def in_use():
+    m = libc.mallinfo2()
+    return (m.uordblks + m.hblkhd) / 2**20
+x = torch.randn(20000, 96)
+weights = [torch.randn(n, 96) for n in (96, 192, 288, 384)]
+linear(x[:256], weights[0])
+before = in_use()
+for w in weights:
+    for rows in range(256, 20000, 23):   # ~100 row buckets per weight: a compiled kernel each
+        linear(x[:rows], w)
+print(in_use() - before)
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="needs glibc's mallinfo2")
+def test_onednn_kernel_caches_stay_small():
+    """oneDNN and ideep keep a compiled kernel per shape (1024 each by default, ~0.5 MB apiece): gemm
+    lowers both caches to 64 unless the environment sets them. Control: with 1024 the same ~400 shapes
+    keep far more."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
+
+    def grown(env):
+        run = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env={**base, **env}, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return float(run.stdout.split()[-1])
+
+    ours = grown({})
+    default = grown({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
+    assert ours < 40, f"heap grew {ours:.0f} MB over ~400 shapes"
+    assert default > 3 * ours, (default, ours)
