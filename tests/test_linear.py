@@ -232,7 +232,7 @@ print(in_use() - before)
 @pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "mallinfo2"), reason="needs glibc's mallinfo2")
 def test_onednn_kernel_caches_stay_small():
     """oneDNN and ideep keep a compiled kernel per shape (1024 each by default, ~0.5 MB apiece): gemm
-    lowers both caches to 64 unless the environment sets them. Control: with 1024 the same ~400 shapes
+    lowers both caches to 128 unless the environment sets them. Control: with 1024 the same ~400 shapes
     keep far more."""
     import os
     import subprocess
@@ -248,5 +248,5 @@ def test_onednn_kernel_caches_stay_small():
 
     ours = grown({})
     default = grown({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "1024"})
-    assert ours < 40, f"heap grew {ours:.0f} MB over ~400 shapes"
-    assert default > 3 * ours, (default, ours)
+    assert ours < 90, f"heap grew {ours:.0f} MB over ~400 shapes"
+    assert default > 2 * ours, (default, ours)
