@@ -70,8 +70,8 @@ def _varlen_sdpa_bwd(grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shap
 
 def _custom() -> dict:
     """torch's counter has no formula for CPU SDPA's flash kernel, nor for the in-place addmm_ that
-    `iwm_kernels.linear.residual_addmm` accumulates into the residual with, nor for oneDNN's linear
-    (`iwm_kernels.linear`'s fp32 CPU products), nor for the C++ extension's varlen_sdpa (its flash calls
+    `iwm_kernels.gemm.residual_addmm` accumulates into the residual with, nor for oneDNN's linear
+    (`iwm_kernels.gemm`'s fp32 CPU products), nor for the C++ extension's varlen_sdpa (its flash calls
     run inside the op, where the counter does not see them)."""
     out = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_fwd,
            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_bwd,

@@ -4,13 +4,14 @@ Why: ATen's fp32 matmul on the CPU calls MKL's sgemm, and MKL picks its code pat
 processors it runs its AVX2 kernels even where the CPU has AVX-512. oneDNN, which PyTorch ships too
 (`torch.ops.mkldnn._linear_pointwise`, the op Inductor's CPU backend emits for linears), picks its
 kernels from the CPU's feature flags. On the AMD EPYC (Zen 5) CPUs of our CI, oneDNN runs the model's
-fp32 products about twice as fast (`benchmarks/suites/linear.py` measures both engines on the model's
-shapes in every report). Same products, same FLOPs, fp32 throughout; the two engines sum in different
-orders, so results differ by rounding (relative 1e-6), as any two GEMMs do.
+fp32 products 1.3-2x as fast, forward and backward (`benchmarks/suites/linear.py` measures both engines
+on the model's shapes in every report). Same products, same FLOPs, fp32 throughout; the two engines
+sum in different orders, so results differ by rounding (relative 1e-6), as any two GEMMs do.
 
 `linear(x, weight, bias=None, residual=None)` is `residual + x @ weight.T + bias`, differentiable in
-every argument (twice too: under create_graph the backward is ATen's). The backward runs on oneDNN as well: the input gradient is `g @ weight` (a linear with
-the transposed weight, a strided view, no copy); the weight gradient `g.T @ x` is computed in the
+every argument (twice too: under create_graph the backward is ATen's). The backward runs on oneDNN
+as well: the input gradient is `g @ weight` (a linear with the transposed weight, a strided view, no
+copy); the weight gradient `g.T @ x` is computed in the
 orientation whose output has the longer side as rows ([N, K] or [K, N] then transposed), the faster of
 the two for these skinny products.
 
@@ -55,10 +56,9 @@ MIN_ROWS = 256
 def bucket_rows(rows: int) -> int:
     """`rows` rounded up to one of 16 sizes per octave (at most 1/16 more rows).
 
-    oneDNN compiles a kernel for every new problem shape (about a millisecond) and keeps each in its
-    primitive cache (about 0.3 MB each, 1024 of them by default): with the row count changing every
-    step (ragged masks), every step would compile again and the cache would hold hundreds of MB. On
-    padded row counts a run sees a few dozen shapes."""
+    oneDNN compiles a kernel for every new problem shape (about a millisecond) and caches it (see
+    CACHE_ENTRIES): with the row count changing every step, every step would compile again. On padded
+    row counts a run sees a bounded set of shapes."""
     step = 1 << max(0, rows.bit_length() - 5)
     return -(-rows // step) * step
 
