@@ -60,6 +60,12 @@ def free_port() -> str:
         return str(probe.getsockname()[1])
 
 
+def _collective_failed(exc: Exception, what: str, info: DistInfo) -> DistributedError:
+    return DistributedError(
+        f"distributed: rank {info.rank} of {info.world_size}: {what} failed ({exc}); another rank died, hung or "
+        f"was stopped (collectives wait at most meta.dist_timeout_s={info.timeout_s:g}s)")
+
+
 def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """The mean over ranks of a float64 vector, in one collective (the trainer's window rows and stop
     flags travel together)."""
@@ -68,11 +74,21 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     try:
         dist.all_reduce(values)
     except RuntimeError as exc:  # gloo/NCCL errors (DistBackendError is a RuntimeError)
-        raise DistributedError(
-            f"distributed: rank {info.rank} of {info.world_size}: the step's all-reduce failed ({exc}); another "
-            f"rank died, hung or was stopped (collectives wait at most meta.dist_timeout_s={info.timeout_s:g}s)"
-        ) from exc
+        raise _collective_failed(exc, "the step's all-reduce", info) from exc
     return values / info.world_size
+
+
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (plain picklable data), in rank order; `[obj]` in one process. For rare host
+    bookkeeping only (the trainer's unreadable-file indices): it pickles and waits on every rank."""
+    if not info.enabled:
+        return [obj]
+    every = [None] * info.world_size
+    try:
+        dist.all_gather_object(every, obj)
+    except RuntimeError as exc:
+        raise _collective_failed(exc, "gathering the ranks' unreadable-file counts", info) from exc
+    return every
 
 
 def barrier(info: DistInfo) -> None:

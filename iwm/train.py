@@ -26,7 +26,8 @@ from .builders import (augment_config, build_dataset, build_loader, build_mask_s
 from .checkpoint import (LATEST, CheckpointError, config_changes, find_resume_checkpoint, load_checkpoint,
                          rng_state, save_checkpoint, set_rng_state)
 from .config import Config, ConfigError, check_data_paths, load_config, profile_window, save_config
-from .distributed import DistInfo, DistributedError, all_reduce_mean, init_distributed, shutdown
+from .distributed import (DistInfo, DistributedError, all_gather_objects, all_reduce_mean, init_distributed,
+                          shutdown)
 from .image_decode import gpu_decode_problem
 from .metrics import MetricsWriter, Progress, format_duration, peak_memory_mb, plot_run
 from .schedules import Schedules, apply_lr_wd
@@ -300,7 +301,6 @@ class Trainer:
                     # fault injection for tests: a hung peer, IWM_FAULT_SIGSTOP_STEP=<step> [..._RANK=<rank>]
                     os.kill(os.getpid(), signal.SIGSTOP)
                 self.step = step + 1
-                self.skipped_images += self._newly_skipped(batch)
                 now = time.time()
                 wait, step_time = t_data - t_prev, now - t_prev
                 t_prev = now
@@ -310,7 +310,9 @@ class Trainer:
                 self._pending.append((
                     {"step": step, "epoch": step // self.steps_per_epoch, "lr": lr, "wd": wd, "momentum": momentum,
                      "context_tokens": result.stats["context_tokens"], "target_tokens": result.stats["target_tokens"],
-                     "skipped_images": self.skipped_images, "mask_fallbacks": batch.masks.fallbacks,
+                     "unreadable": batch.unreadable_files,
+                     "skipped_without_index": batch.skipped - len(batch.unreadable_files),
+                     "mask_fallbacks": batch.masks.fallbacks,
                      "data_wait_s": wait, "step_time_s": step_time, "img_per_s": n_images / max(step_time, 1e-9)},
                     result.row))
                 log_now = (self.step % cfg.logging.log_every == 0 or self.step == self.total_steps
@@ -381,11 +383,20 @@ class Trainer:
         first step whose loss or gradients were not finite (its update was skipped on the device, and
         nothing after it is saved). Returns whether any rank was asked to stop."""
         pending, self._pending = self._pending, []
+        # Unreadable images: each rank's per-step (new file indices, images without an index); the ranks'
+        # lists are gathered only in a window where some rank met one (the flag rides on the all-reduce).
+        skips = [(tuple(i for i in host["unreadable"] if i not in self.unreadable_files),
+                  host["skipped_without_index"]) for host, _ in pending]
+        any_skip = any(files or n for files, n in skips)
         values = torch.cat([torch.stack([row for _, row in pending]).flatten().double(),
-                            torch.tensor([float(asked_to_stop)], dtype=torch.float64, device=self.device)])
+                            torch.tensor([float(any_skip), float(asked_to_stop)], dtype=torch.float64,
+                                         device=self.device)])
         values = all_reduce_mean(values, self.dist).tolist()
+        every_rank = all_gather_objects(skips, self.dist) if values[-2] > 0 else []
         width = len(ROW_COLUMNS)
         for i, (host, _) in enumerate(pending):
+            self.skipped_images += self._newly_skipped([rank_skips[i] for rank_skips in every_rank])
+            host["skipped_images"] = self.skipped_images
             device_part = dict(zip(ROW_COLUMNS, values[i * width:(i + 1) * width]))
             if device_part["non_finite"] > 0 or not math.isfinite(device_part["loss"]):
                 writer.flush()
@@ -415,12 +426,13 @@ class Trainer:
         window.reset()
         return mem
 
-    def _newly_skipped(self, batch) -> int:
-        """Unreadable images of this batch not counted before: files by their dataset index (once per
-        run), plus images that failed without an index (a GPU decode failure) each time."""
-        new = set(batch.unreadable_files) - self.unreadable_files
-        self.unreadable_files |= new
-        return len(new) + batch.skipped - len(batch.unreadable_files)
+    def _newly_skipped(self, per_rank: list) -> int:
+        """Unreadable images of one step over all ranks, not counted before: files by their dataset index
+        (once per run, whichever rank meets them in which epoch), plus images that failed without an
+        index (a GPU decode failure) each time. Every rank keeps the same set and count."""
+        files = {i for indices, _ in per_rank for i in indices} - self.unreadable_files
+        self.unreadable_files |= files
+        return len(files) + sum(n for _, n in per_rank)
 
     def _last_saved_step(self) -> int:
         """The step of the checkpoint this run last wrote or resumed from; -1 when there is none."""

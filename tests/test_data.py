@@ -1,5 +1,6 @@
 """Data: built-in photographs, ImageFolder with corrupt files, image modes (16-bit, CMYK, palette,
 alpha), deterministic resumable batch order."""
+import os
 import struct
 import warnings
 import zlib
@@ -271,3 +272,36 @@ def test_training_counts_each_unreadable_file_once_per_run(tmp_path, seed):
     assert first["skipped_images"] == 2  # epoch 0 met both
     rest = Trainer(load_config(tiny, common), log=lambda *a, **k: None).train()
     assert rest["final_step"] == 9 and rest["skipped_images"] == 2
+
+
+@pytest.mark.slow  # two ranks under torchrun, two epochs (about 30 s)
+def test_two_ranks_count_each_unreadable_file_once_over_the_run(tmp_path, seed):
+    """Each rank meets its share of the bad files, a different share each epoch: the log rows and the
+    summary line give the run's count, summed over ranks and each file once (rank 0 alone would give the
+    files it happened to meet: all 10 of 10 with chance (3/4)^10 over two epochs)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from iwm.distributed import free_port
+
+    rng = np.random.default_rng(seed)
+    write_images(tmp_path / "data" / "a", 10, rng, size=(40, 40))
+    for i in range(10):
+        (tmp_path / "data" / "a" / f"bad{i}.png").write_bytes(b"\x89PNG nonsense" if i % 2 else b"")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", free_port(),
+           "-m", "iwm.train", "--config", str(root / "configs" / "tiny.yaml"), "data.dataset=imagefolder",
+           f"data.image_folder={tmp_path / 'data'}", "data.crop_size=32", "mask.patch_size=8",
+           "data.batch_size=2", "data.num_workers=0", "eval.at_end=false", "logging.tensorboard=false",
+           "logging.progress_bar=off", "logging.log_every=1", "meta.use_bfloat16=false", "mask.min_keep=2",
+           "optimization.warmup=1", "optimization.epochs=2", f"logging.folder={tmp_path / 'run'}"]
+    res = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["skipped_images"] for r in rows if "skipped_images" in r]
+    assert len(counts) == 10 and counts == sorted(counts) and counts[-1] == 10, counts
+    assert counts[4] == 10  # the first epoch (5 steps of 4 images) met every file once
+    assert "skipped 10 unreadable image(s)" in res.stdout + res.stderr
