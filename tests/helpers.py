@@ -103,7 +103,9 @@ def assert_trained_close(a: torch.Tensor, b: torch.Tensor, name: str, *, lr: flo
                          rel: float = 1e-3) -> None:
     """Parameters after `steps` AdamW steps on 2 ranks vs 1 (another reduction order): AdamW turns a
     rounding difference in a near-zero gradient into up to lr of a step, so such (rare) elements may
-    differ by up to lr * steps; every other element is within `rel` of its tensor's scale."""
+    differ by up to lr * steps; every other element is within `rel` of its tensor's scale. Such elements
+    are about 0.2 % of a tensor at most, so a small tensor (a 96-wide bias) may have one or two: the count
+    allowed is 1 % of the tensor, and never fewer than 2 (a sharding bug moves whole shards)."""
     if not b.numel():
         return
     scale = float(b.abs().max())
@@ -114,7 +116,7 @@ def assert_trained_close(a: torch.Tensor, b: torch.Tensor, name: str, *, lr: flo
         # every AdamW update of it is rounding noise made up to lr: only the lr * steps bound below holds.
         third = b.numel() // 3
         loose[third:2 * third] = False
-    assert float(loose.float().mean()) <= 0.01, (name, int(loose.sum()), diff.numel())
+    assert int(loose.sum()) <= max(0.01 * diff.numel(), 2), (name, int(loose.sum()), diff.numel())
     assert float(diff.max()) <= lr * steps, (name, float(diff.max()))
 
 
@@ -129,7 +131,7 @@ def start_two_ranks(cmd: list, cwd, **popen) -> list:
     port = free_port()
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WORLD_SIZE": "2",
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1", "WORLD_SIZE": "2",
                "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                "PYTHONPATH": str(cwd)}
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen))

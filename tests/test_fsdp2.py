@@ -350,3 +350,23 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     worker(Path(sys.argv[2]), int(sys.argv[3]))
+
+
+def test_trained_close_comparator_allows_rare_flips_only():
+    """The 2-ranks-vs-1 comparator: rounding-sized differences pass, as do up to two AdamW flips (lr-sized)
+    in a small tensor; more flips, a shifted shard or a difference over lr * steps fail."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    b = torch.randn(96, generator=gen) * 0.02
+    assert_trained_close(b * (1 + 1e-6), b, "bias", lr=LR, steps=STEPS)
+    flipped = b.clone()
+    flipped[[3, 50]] += LR
+    assert_trained_close(flipped, b, "bias", lr=LR, steps=STEPS)
+    flipped[70] -= LR
+    with pytest.raises(AssertionError):
+        assert_trained_close(flipped, b, "bias", lr=LR, steps=STEPS)
+    with pytest.raises(AssertionError):  # half the tensor (one rank's shard) is off
+        assert_trained_close(torch.cat([b[:48], b[48:] + 1e-3]), b, "bias", lr=LR, steps=STEPS)
+    far = b.clone()
+    far[0] += 2 * LR * STEPS
+    with pytest.raises(AssertionError):
+        assert_trained_close(far, b, "bias", lr=LR, steps=STEPS)
