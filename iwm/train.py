@@ -204,9 +204,6 @@ class Trainer:
             except (KeyError, RuntimeError, ValueError) as exc:
                 raise CheckpointError(f"checkpoint: {path} does not fit this configuration ({exc}); "
                                       f"refusing to restart from scratch") from exc
-        if state.get("sampler", {}).get("global_batch", self.global_batch) != self.global_batch:
-            self.log(f"warning: resuming with global batch {self.global_batch} "
-                     f"(checkpoint: {state['sampler']['global_batch']}); the data order changes")
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.skipped_images = int(state.get("skipped_images", 0))
@@ -220,10 +217,16 @@ class Trainer:
         (seed, lr, model, data, ...) differing from the checkpoint's is refused before anything is
         written (config.yaml included), unless meta.resume_with_changes=true says it is meant."""
         changes = config_changes(state.get("config") or {}, self.cfg.to_dict(), Config().to_dict())
-        if (state.get("sampler") or {}).get("global_batch") == self.global_batch:
-            # Another process count with the same global batch (data.batch_size x processes) computes the
-            # same steps (masks, views and data are drawn for the global batch): a resharded resume.
+        saved_batch = (state.get("sampler") or {}).get("global_batch")
+        # Another process count with the same global batch (data.batch_size x processes) computes the
+        # same steps (masks, views and data are drawn for the global batch): a resharded resume. Another
+        # global batch changes the data order and the schedules' steps per epoch, whichever of data.batch_size
+        # and the process count changed.
+        if saved_batch is not None:
             changes = [c for c in changes if not c.startswith("data.batch_size ")]
+        if saved_batch is not None and saved_batch != self.global_batch:
+            changes.append(f"global batch = data.batch_size x processes (checkpoint: {saved_batch}, now: "
+                           f"{self.cfg.data.batch_size} x {self.dist.world_size} = {self.global_batch})")
         if not changes:
             return
         listed = "; ".join(changes)

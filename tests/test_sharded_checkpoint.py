@@ -316,6 +316,7 @@ def test_trainer_eval_and_export_read_a_sharded_checkpoint(tmp_path, monkeypatch
 def test_sigterm_to_every_fsdp2_rank_saves_a_sharded_checkpoint_that_resumes_in_one_process(tmp_path, monkeypatch):
     """Slurm preemption signals every process: the ranks agree to stop, each writes its shards of one
     checkpoint, both exit 0, and the checkpoint resumes in one process."""
+    from iwm.checkpoint import CheckpointError
     from iwm.config import load_config
     from iwm.sharded_checkpoint import latest_sharded, load_trainer_state
     from iwm.train import Trainer
@@ -357,6 +358,16 @@ def test_sigterm_to_every_fsdp2_rank_saves_a_sharded_checkpoint_that_resumes_in_
                 log=lambda *a, **k: logged.append(" ".join(map(str, a))))
     assert t.resumed_from == path and t.step == step
     assert not any("warning" in line for line in logged), logged
+    # One process at data.batch_size 4: global batch 4, not the run's 8 (other data order, other schedule
+    # per epoch): refused before anything is written, unless asked for.
+    with pytest.raises(CheckpointError, match=r"global batch = data.batch_size x processes \(checkpoint: 8, now: "
+                       r"4 x 1 = 4\)"):
+        Trainer(load_config(ROOT / "configs" / "tiny.yaml", [*_FAST, f"logging.folder={tmp_path}"]),
+                log=lambda *a, **k: None)
+    t = Trainer(load_config(ROOT / "configs" / "tiny.yaml", [*_FAST, f"logging.folder={tmp_path}",
+                                                              "meta.resume_with_changes=true"]),
+                log=lambda *a, **k: logged.append(" ".join(map(str, a))))
+    assert t.resumed_from == path and any("global batch" in line and "warning" in line for line in logged)
 
 
 _FAST = ["data.crop_size=32", "mask.patch_size=8", "data.batch_size=4", "data.builtin_samples=32",
