@@ -97,6 +97,7 @@ class Trainer:
         self.resumed_from: Optional[Path] = None
         # meta.parallel=fsdp2: sharded checkpoints (iwm.sharded_checkpoint, DCP), written by every rank.
         self.sharded_checkpoints = getattr(cfg.meta, "parallel", "ddp") == "fsdp2"
+        self._load_into_shards: Optional[tuple] = None
         self._maybe_resume()
         self.step_fn = TrainStep(self.model, self.optimizer, device=self.device, aug_cfg=self.aug_cfg, seed=seed,
                                  global_batch=self.global_batch, rank=self.dist.rank, batch_size=cfg.data.batch_size,
@@ -105,6 +106,9 @@ class Trainer:
                                  compile=cfg.meta.compile, parallel=cfg.meta.parallel,
                                  activation_checkpointing=cfg.meta.activation_checkpointing,
                                  activation_checkpointing_every=cfg.meta.activation_checkpointing_every)
+        if self._load_into_shards is not None:
+            path, state = self._load_into_shards
+            load_sharded(path, self.model, self.optimizer, trainer_state=state)
         self.profile_window = profile_window(cfg.logging.profile_steps)
 
     # ------------------------------------------------------------------ checkpoints
@@ -195,7 +199,12 @@ class Trainer:
         if path.is_dir():  # sharded (iwm.sharded_checkpoint): saved by any number of ranks, loads into this many
             state = load_trainer_state(path)
             self._refuse_config_changes(path, state)
-            load_sharded(path, self.model, self.optimizer, trainer_state=state)
+            if self.dist.enabled:
+                # The tensors go into the shards once TrainStep has sharded the model: each rank reads
+                # only its slices and never holds the full weights and AdamW state.
+                self._load_into_shards = (path, state)
+            else:
+                load_sharded(path, self.model, self.optimizer, trainer_state=state)
         else:
             state = load_checkpoint(path, map_location=self.device)
             self._refuse_config_changes(path, state)
@@ -210,7 +219,8 @@ class Trainer:
         self.unreadable_files = {int(i) for i in state.get("unreadable_files", ())}
         self.resumed_from = path
         self._last_checkpoint = (path, self.step)
-        self.log(f"resumed from {path} at step {self.step}")
+        self.log(f"resumed from {path} at step {self.step}"
+                 + (" (each rank reads its own shards)" if self._load_into_shards else ""))
 
     def _refuse_config_changes(self, path: Path, state: dict) -> None:
         """A resume continues the run the checkpoint belongs to: a setting that changes the result

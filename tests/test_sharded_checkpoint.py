@@ -63,8 +63,8 @@ def _full_state(model, optimizer) -> dict:
 
 def worker(out: Path, seed: int) -> None:
     """One rank of the 2-process run (env: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT):
-    1 -> 2: load out/one (saved by one process at SAVE_AT) into a plain model, shard it (as the trainer
-    does), train to STEPS, dump the full state. 2 -> 1: train SAVE_AT steps under FSDP2 from scratch, save
+    1 -> 2: shard a fresh model (as the trainer does), load out/one (saved by one process at SAVE_AT)
+    into the shards, train to STEPS, dump the full state. 2 -> 1: train SAVE_AT steps under FSDP2 from scratch, save
     into out/two, dump the full state. Then a save at STEPS that pauses before its commit (the test kills)."""
     import torch.distributed as dist
 
@@ -76,8 +76,8 @@ def worker(out: Path, seed: int) -> None:
 
     model = small_iwm(seed + 1)  # other weights: the checkpoint must replace them
     optimizer = _optimizer(model)
-    load_sharded(out / "one" / "step-0000002.dcp", model, optimizer)
-    step_fn = _step_fn(model, optimizer, seed, rank, world)
+    step_fn = _step_fn(model, optimizer, seed, rank, world)  # sharded first, as the trainer does: each rank
+    load_sharded(out / "one" / "step-0000002.dcp", model, optimizer)  # reads only its slices
     _train(step_fn, batches, range(SAVE_AT, STEPS), rank, world)
     full = _full_state(model, optimizer)
     if rank == 0:
@@ -315,7 +315,7 @@ def test_trainer_eval_and_export_read_a_sharded_checkpoint(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_sigterm_to_every_fsdp2_rank_saves_a_sharded_checkpoint_that_resumes_in_one_process(tmp_path, monkeypatch):
     """Slurm preemption signals every process: the ranks agree to stop, each writes its shards of one
-    checkpoint, both exit 0, and the checkpoint resumes in one process."""
+    checkpoint, both exit 0, and the checkpoint resumes in one process and in two."""
     from iwm.checkpoint import CheckpointError
     from iwm.config import load_config
     from iwm.sharded_checkpoint import latest_sharded, load_trainer_state
@@ -368,6 +368,17 @@ def test_sigterm_to_every_fsdp2_rank_saves_a_sharded_checkpoint_that_resumes_in_
                                                               "meta.resume_with_changes=true"]),
                 log=lambda *a, **k: logged.append(" ".join(map(str, a))))
     assert t.resumed_from == path and any("global batch" in line and "warning" in line for line in logged)
+    # Two ranks again: the tensors go straight into each rank's shards, and the run goes on.
+    procs = start_two_ranks([*cmd[:-1], f"optimization.max_steps={step + 1}"], ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert f"resumed from {path} at step {step} (each rank reads its own shards)" in outs[0], outs[0][-3000:]
+    assert load_trainer_state(latest_sharded(tmp_path))["step"] == step + 1
 
 
 _FAST = ["data.crop_size=32", "mask.patch_size=8", "data.batch_size=4", "data.builtin_samples=32",
